@@ -1,0 +1,7 @@
+"""``python -m pathflow`` runs the command line."""
+
+import sys
+
+from pathflow.cli import main
+
+sys.exit(main())

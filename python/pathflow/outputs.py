@@ -1,0 +1,147 @@
+"""Files written per slide: CLAM-compatible coordinates (HDF5), mask PNG, overlay JPEG.
+
+Every file is written to a temporary name in the destination folder and renamed into place,
+so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pathflow.grid import PatchGrid
+from pathflow.tissue import TissueSegmentation
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; rename it to ``dest`` if the block succeeds."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_coords_h5(
+    dest: str | os.PathLike[str],
+    name: str,
+    grid: PatchGrid,
+    level_dim: tuple[int, int],
+    downsample: tuple[float, float],
+    extra_attrs: dict[str, Any],
+) -> None:
+    """Write ``coords`` the way CLAM's ``create_patches_fp.py`` does, plus pathflow extras.
+
+    Dataset ``coords`` (N, 2) int64 with attrs ``patch_size`` (side at ``patch_level``),
+    ``patch_level``, ``downsample``, ``downsampled_level_dim``, ``level_dim``, ``name``,
+    ``save_path``; pathflow adds ``mpp``, ``target_mpp``, ``patch_size_level0``,
+    ``target_patch_size``, ``step_level0`` and a ``tissue_fraction`` (N,) float32 dataset.
+    The same attrs are mirrored on the file root for tools that look there.
+    """
+    import h5py
+
+    dest = Path(dest)
+    attrs: dict[str, Any] = {
+        "patch_size": int(grid.read_size),
+        "patch_level": int(grid.read_level),
+        "downsample": np.asarray(downsample, dtype=np.float64),
+        "downsampled_level_dim": np.asarray(level_dim, dtype=np.int64),
+        "level_dim": np.asarray(level_dim, dtype=np.int64),
+        "name": name,
+        "save_path": str(dest.parent),
+        "patch_size_level0": int(grid.patch_size_level0),
+        "step_level0": int(grid.step_level0),
+        "target_patch_size": int(grid.patch),
+        "target_mpp": float(grid.target_mpp),
+    }
+    attrs.update(extra_attrs)
+    with atomic_path(dest) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("coords", data=grid.coords.astype(np.int64), maxshape=(None, 2))
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+            f.attrs[k] = v
+        f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+
+
+def read_coords_h5(path: str | os.PathLike[str]) -> tuple[npt.NDArray[np.int64], dict[str, Any]]:
+    """Coordinates and ``coords`` attrs of a file written by :func:`write_coords_h5`."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        coords = f["coords"][:]
+        attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
+    return coords, attrs
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, bytes):
+        return v.decode()
+    return v
+
+
+def write_mask_png(dest: str | os.PathLike[str], mask: npt.NDArray[np.uint8]) -> None:
+    """Tissue mask (0/255) at segmentation resolution as an 8-bit PNG."""
+    from PIL import Image
+
+    with atomic_path(dest) as tmp:
+        Image.fromarray(mask).save(tmp, format="PNG", optimize=False)
+
+
+def write_overlay(
+    dest: str | os.PathLike[str],
+    thumbnail: npt.NDArray[np.uint8],
+    level0_size: tuple[int, int],
+    seg: TissueSegmentation,
+    grid: PatchGrid,
+    quality: int = 85,
+) -> None:
+    """Thumbnail with tissue contours (green), holes (blue) and the patch grid (yellow)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.fromarray(thumbnail).convert("RGB")
+    tw, th = img.size
+    fx, fy = tw / level0_size[0], th / level0_size[1]
+    draw = ImageDraw.Draw(img, "RGBA")
+    side_x = grid.patch_size_level0 * fx
+    side_y = grid.patch_size_level0 * fy
+    if side_x >= 2:
+        for x, y in grid.coords.tolist():
+            x0, y0 = x * fx, y * fy
+            draw.rectangle(
+                [x0, y0, x0 + side_x - 1, y0 + side_y - 1],
+                outline=(255, 200, 0, 160),
+                fill=(255, 220, 0, 40),
+            )
+    else:
+        for x, y in grid.coords.tolist():
+            draw.point((x * fx, y * fy), fill=(255, 200, 0, 255))
+    line = max(1, round(max(tw, th) / 600))
+    for cont in seg.tissue:
+        pts = [(float(x) * fx, float(y) * fy) for x, y in cont.tolist()]
+        if len(pts) > 1:
+            draw.line([*pts, pts[0]], fill=(0, 200, 0, 255), width=line)
+    for holes in seg.holes:
+        for cont in holes:
+            pts = [(float(x) * fx, float(y) * fy) for x, y in cont.tolist()]
+            if len(pts) > 1:
+                draw.line([*pts, pts[0]], fill=(0, 80, 255, 255), width=line)
+    with atomic_path(dest) as tmp:
+        img.save(tmp, format="JPEG", quality=quality)

@@ -1,0 +1,195 @@
+"""Configuration of ``pathflow tile``: a dataclass <- YAML file <- CLI flags.
+
+Preset-dependent fields default to ``None`` and are filled by :meth:`TileConfig.resolve`
+from the preset (``pathflow``, ``clam`` or ``tcga``). The resolved config is saved as
+``config.yaml`` in the output folder.
+
+Example:
+    >>> from pathflow.tiling.config import TileConfig
+    >>> cfg = TileConfig(inputs=["slides/"], out="out", preset="clam").resolve()
+    >>> cfg.a_t, cfg.layout, cfg.mpp
+    (100.0, 'clam', None)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from pathflow.exceptions import ConfigError
+from pathflow.grid import GridParams
+from pathflow.tissue import PRESETS, TissueParams
+
+#: Grid defaults per preset (tissue defaults live in ``pathflow.tissue.PRESETS``).
+GRID_PRESETS: dict[str, dict[str, Any]] = {
+    "pathflow": {"mpp": 0.5, "layout": "slide", "use_padding": False},
+    "clam": {"mpp": None, "layout": "clam", "use_padding": True},
+    "tcga": {"mpp": None, "layout": "clam", "use_padding": True},
+}
+
+_UNSET_BY_PRESET = ("seg_mpp", "a_t", "a_h", "area_unit", "mpp", "layout", "use_padding")
+
+
+@dataclass
+class TileConfig:
+    """Everything ``pathflow tile`` needs. Field names are the YAML keys; CLI flags are the
+    same names with dashes (``a_t`` -> ``--a-t``)."""
+
+    inputs: list[str] = field(default_factory=list)
+    out: str = "pathflow_out"
+    sample: list[str] = field(default_factory=list)
+    recursive: bool = False
+    backend: str = "auto"
+    slide_mpp: float | None = None
+    slide_mpp_csv: str | None = None
+    preset: str = "pathflow"
+    # tissue
+    seg_level: int = -1
+    seg_mpp: float | None = None
+    sthresh: int = 8
+    mthresh: int = 7
+    close: int = 4
+    otsu: bool = False
+    a_t: float | None = None
+    a_h: float | None = None
+    max_holes: int = 8
+    area_unit: str | None = None
+    remove_ink: bool = False
+    mask: str | None = None
+    # grid
+    patch: int = 256
+    mpp: float | None = None
+    overlap: int = 0
+    contour_fn: str = "four_pt"
+    min_tissue: float | None = None
+    layout: str | None = None
+    use_padding: bool | None = None
+    # run
+    overlay: bool = True
+    thumbnail_size: int = 2048
+    workers: int = 0
+    threads: int = 0
+    overwrite: bool = False
+    _explicit: set[str] = field(default_factory=set, repr=False, compare=False)
+
+    # ----------------------------------------------------------------------------------
+    def resolve(self) -> TileConfig:
+        """Fill preset-dependent fields that were not set explicitly; validate."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r} (expected {', '.join(PRESETS)})")
+        out = dataclasses.replace(self)
+        tissue = PRESETS[self.preset]
+        grid = GRID_PRESETS[self.preset]
+        for name in _UNSET_BY_PRESET:
+            if name in self._explicit or getattr(self, name) is not None:
+                continue
+            if name in tissue:
+                setattr(out, name, tissue[name])
+            elif name in grid:
+                setattr(out, name, grid[name])
+        if out.a_t is not None:
+            out.a_t = float(out.a_t)
+        if out.a_h is not None:
+            out.a_h = float(out.a_h)
+        try:
+            out.tissue_params().validate()
+            out.grid_params().validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if out.workers < 0 or out.threads < 0:
+            raise ConfigError("workers and threads must be >= 0 (0 = automatic)")
+        if out.slide_mpp is not None and not 0.05 <= out.slide_mpp <= 20:
+            raise ConfigError(f"--slide-mpp must be in 0.05..20 um/px, got {out.slide_mpp}")
+        return out
+
+    def tissue_params(self) -> TissueParams:
+        """The :class:`~pathflow.tissue.TissueParams` of this config."""
+        p = PRESETS.get(self.preset, PRESETS["pathflow"])
+        return TissueParams(
+            preset=self.preset,
+            seg_level=self.seg_level,
+            seg_mpp=self.seg_mpp if "seg_mpp" in self._explicit or self.seg_mpp else p["seg_mpp"],
+            sthresh=self.sthresh,
+            mthresh=self.mthresh,
+            close=self.close,
+            otsu=self.otsu,
+            a_t=self.a_t if self.a_t is not None else p["a_t"],
+            a_h=self.a_h if self.a_h is not None else p["a_h"],
+            max_holes=self.max_holes,
+            area_unit=self.area_unit or p["area_unit"],
+            remove_ink=self.remove_ink,
+        )
+
+    def grid_params(self) -> GridParams:
+        """The :class:`~pathflow.grid.GridParams` of this config."""
+        g = GRID_PRESETS.get(self.preset, GRID_PRESETS["pathflow"])
+        return GridParams(
+            patch=self.patch,
+            mpp=self.mpp if (self.mpp is not None or "mpp" in self._explicit) else g["mpp"],
+            overlap=self.overlap,
+            contour_fn=self.contour_fn,
+            min_tissue=self.min_tissue,
+            layout=self.layout or g["layout"],
+            use_padding=self.use_padding if self.use_padding is not None else g["use_padding"],
+        )
+
+    # ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (the YAML written beside outputs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as YAML (atomically)."""
+        import yaml
+
+        from pathflow.outputs import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if not f.name.startswith("_")]
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """Read a YAML file into a dict of known fields (dashes allowed in keys)."""
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of option: value")
+        if isinstance(data.get("tile"), dict):
+            data = data["tile"]
+        known = set(cls.field_names())
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{p}: unknown option {key!r}")
+            out[name] = value
+        for key in ("inputs", "sample"):
+            if isinstance(out.get(key), str):
+                out[key] = [out[key]]
+        return out
+
+    @classmethod
+    def build(cls, yaml_values: dict[str, Any], cli_values: dict[str, Any]) -> TileConfig:
+        """Defaults <- YAML <- CLI (only options given on the command line), then resolve."""
+        merged = {**yaml_values, **cli_values}
+        explicit = set(merged)
+        try:
+            cfg = cls(**merged)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from exc
+        cfg._explicit = explicit
+        return cfg.resolve()

@@ -1,0 +1,500 @@
+//! pyo3 binding of `pathflow-core`: `pathflow._core`.
+//!
+//! Thin by design: convert numpy views to slices, release the GIL, run the core function on
+//! a fork-safe rayon pool, convert back. Errors map onto `pathflow.exceptions`.
+
+use std::sync::{Arc, Mutex};
+
+use numpy::ndarray::{Array2, Array3};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
+};
+use pathflow_core::contour::{self, Contour, FilterParams, Regions};
+use pathflow_core::grid::{self, ContourFn};
+use pathflow_core::mask::{self, BinaryParams};
+use pathflow_core::{CoreError, ImageView};
+use pyo3::prelude::*;
+
+pyo3::import_exception!(pathflow.exceptions, InvalidArgumentError);
+
+fn to_py(e: CoreError) -> PyErr {
+    match e {
+        CoreError::InvalidArgument(m) | CoreError::Shape(m) => InvalidArgumentError::new_err(m),
+        CoreError::Io(io) => io.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Fork-safe thread pool: a pool built in a parent process has no threads in a forked child
+// (DataLoader workers, multiprocessing), so the pool is keyed by process id and rebuilt.
+
+static POOL: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+static THREADS: Mutex<Option<usize>> = Mutex::new(None);
+
+fn default_threads() -> usize {
+    if let Some(n) = *THREADS.lock().unwrap_or_else(|p| p.into_inner()) {
+        return n;
+    }
+    std::env::var("PATHFLOW_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn pool() -> Arc<rayon::ThreadPool> {
+    let pid = std::process::id();
+    let mut guard = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((owner, p)) = guard.as_ref() {
+        if *owner == pid {
+            return Arc::clone(p);
+        }
+    }
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(default_threads())
+            .thread_name(|i| format!("pathflow-{i}"))
+            .build()
+            .expect("cannot start the pathflow thread pool"),
+    );
+    *guard = Some((pid, Arc::clone(&p)));
+    p
+}
+
+/// Runs `f` without the GIL on pathflow's pool.
+fn run<R: Send>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> R {
+    let p = pool();
+    py.detach(|| p.install(f))
+}
+
+/// Number of threads pathflow's Rust pool uses (env `PATHFLOW_NUM_THREADS`, default: cores).
+#[pyfunction]
+fn num_threads() -> usize {
+    pool().current_num_threads()
+}
+
+/// Sets the size of pathflow's Rust pool (takes effect immediately).
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    if n == 0 {
+        return Err(InvalidArgumentError::new_err(
+            "number of threads must be >= 1",
+        ));
+    }
+    *THREADS.lock().unwrap_or_else(|p| p.into_inner()) = Some(n);
+    *POOL.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Conversions
+
+/// An image as (data, width, height, channels); copies only if the array is not contiguous.
+fn image_of(a: &PyReadonlyArrayDyn<'_, u8>) -> PyResult<(Vec<u8>, usize, usize, usize)> {
+    let shape = a.shape().to_vec();
+    let (h, w, c) = match shape.as_slice() {
+        [h, w] => (*h, *w, 1),
+        [h, w, c] => (*h, *w, *c),
+        _ => {
+            return Err(InvalidArgumentError::new_err(format!(
+                "expected an image of shape (H, W) or (H, W, C), got {shape:?}"
+            )))
+        }
+    };
+    let data = match a.as_slice() {
+        Ok(s) => s.to_vec(),
+        Err(_) => a.as_array().iter().copied().collect(),
+    };
+    Ok((data, w, h, c))
+}
+
+fn gray_of(a: &PyReadonlyArray2<'_, u8>) -> (Vec<u8>, usize, usize) {
+    let (h, w) = (a.shape()[0], a.shape()[1]);
+    let data = match a.as_slice() {
+        Ok(s) => s.to_vec(),
+        Err(_) => a.as_array().iter().copied().collect(),
+    };
+    (data, w, h)
+}
+
+fn gray_out<'py>(py: Python<'py>, data: Vec<u8>, w: usize, h: usize) -> Bound<'py, PyArray2<u8>> {
+    Array2::from_shape_vec((h, w), data)
+        .expect("shape")
+        .into_pyarray(py)
+}
+
+fn contour_of(a: &PyReadonlyArray2<'_, i64>) -> PyResult<Contour> {
+    if a.shape()[1] != 2 {
+        return Err(InvalidArgumentError::new_err(format!(
+            "a contour must have shape (N, 2), got {:?}",
+            a.shape()
+        )));
+    }
+    Ok(a.as_array()
+        .rows()
+        .into_iter()
+        .map(|r| [r[0], r[1]])
+        .collect())
+}
+
+fn contour_out<'py>(py: Python<'py>, c: &Contour) -> Bound<'py, PyArray2<i64>> {
+    let flat: Vec<i64> = c.iter().flat_map(|p| [p[0], p[1]]).collect();
+    Array2::from_shape_vec((c.len(), 2), flat)
+        .expect("shape")
+        .into_pyarray(py)
+}
+
+type PyContours<'py> = Vec<PyReadonlyArray2<'py, i64>>;
+
+fn regions_of(tissue: PyContours<'_>, holes: Vec<PyContours<'_>>) -> PyResult<Regions> {
+    if tissue.len() != holes.len() {
+        return Err(InvalidArgumentError::new_err(format!(
+            "{} tissue contours but {} hole lists",
+            tissue.len(),
+            holes.len()
+        )));
+    }
+    Ok(Regions {
+        tissue: tissue.iter().map(contour_of).collect::<PyResult<_>>()?,
+        holes: holes
+            .iter()
+            .map(|hs| hs.iter().map(contour_of).collect::<PyResult<Vec<_>>>())
+            .collect::<PyResult<_>>()?,
+    })
+}
+
+type RegionsOut<'py> = (
+    Vec<Bound<'py, PyArray2<i64>>>,
+    Vec<Vec<Bound<'py, PyArray2<i64>>>>,
+);
+
+fn regions_out<'py>(py: Python<'py>, r: &Regions) -> RegionsOut<'py> {
+    (
+        r.tissue.iter().map(|c| contour_out(py, c)).collect(),
+        r.holes
+            .iter()
+            .map(|hs| hs.iter().map(|c| contour_out(py, c)).collect())
+            .collect(),
+    )
+}
+
+fn coords_out<'py>(py: Python<'py>, c: Vec<[i64; 2]>) -> Bound<'py, PyArray2<i64>> {
+    let n = c.len();
+    let flat: Vec<i64> = c.into_iter().flat_map(|p| [p[0], p[1]]).collect();
+    Array2::from_shape_vec((n, 2), flat)
+        .expect("shape")
+        .into_pyarray(py)
+}
+
+// ---------------------------------------------------------------------------------------
+// Mask operations
+
+/// HSV saturation of an RGB(A) uint8 image on OpenCV's 0-255 scale.
+#[pyfunction]
+fn saturation<'py>(
+    py: Python<'py>,
+    rgb: PyReadonlyArrayDyn<'py, u8>,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let (d, w, h, c) = image_of(&rgb)?;
+    let s = run(py, || mask::saturation(&ImageView::new(&d, w, h, c)?)).map_err(to_py)?;
+    Ok(gray_out(py, s, w, h))
+}
+
+/// 255 where a pixel looks like blue, green or black pen ink.
+#[pyfunction]
+fn ink_mask<'py>(
+    py: Python<'py>,
+    rgb: PyReadonlyArrayDyn<'py, u8>,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let (d, w, h, c) = image_of(&rgb)?;
+    let s = run(py, || mask::ink_mask(&ImageView::new(&d, w, h, c)?)).map_err(to_py)?;
+    Ok(gray_out(py, s, w, h))
+}
+
+/// Median blur with replicated borders (`cv2.medianBlur`).
+#[pyfunction]
+fn median_blur<'py>(
+    py: Python<'py>,
+    img: PyReadonlyArray2<'py, u8>,
+    ksize: usize,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let (d, w, h) = gray_of(&img);
+    let out = run(py, || mask::median_blur(&d, w, h, ksize)).map_err(to_py)?;
+    Ok(gray_out(py, out, w, h))
+}
+
+/// Otsu's threshold as OpenCV computes it.
+#[pyfunction]
+fn otsu_threshold(py: Python<'_>, img: PyReadonlyArray2<'_, u8>) -> u8 {
+    let (d, _, _) = gray_of(&img);
+    run(py, || mask::otsu_threshold(&d))
+}
+
+/// Morphological closing with a `ksize x ksize` square (`cv2.MORPH_CLOSE`).
+#[pyfunction]
+fn morph_close<'py>(
+    py: Python<'py>,
+    img: PyReadonlyArray2<'py, u8>,
+    ksize: usize,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let (d, w, h) = gray_of(&img);
+    let out = run(py, || mask::morph_close(&d, w, h, ksize)).map_err(to_py)?;
+    Ok(gray_out(py, out, w, h))
+}
+
+/// Binary tissue image of CLAM's `segmentTissue`; returns `(binary, threshold, ink)`.
+#[pyfunction]
+#[pyo3(signature = (rgb, sthresh=8, mthresh=7, close=4, otsu=false, remove_ink=false))]
+#[allow(clippy::type_complexity)]
+fn binary_tissue<'py>(
+    py: Python<'py>,
+    rgb: PyReadonlyArrayDyn<'py, u8>,
+    sthresh: u8,
+    mthresh: usize,
+    close: usize,
+    otsu: bool,
+    remove_ink: bool,
+) -> PyResult<(
+    Bound<'py, PyArray2<u8>>,
+    u8,
+    Option<Bound<'py, PyArray2<u8>>>,
+)> {
+    let (d, w, h, c) = image_of(&rgb)?;
+    let p = BinaryParams {
+        sthresh,
+        mthresh,
+        close,
+        otsu,
+        remove_ink,
+    };
+    let b = run(py, || {
+        mask::binary_tissue(&ImageView::new(&d, w, h, c)?, &p)
+    })
+    .map_err(to_py)?;
+    let ink = (!b.ink.is_empty()).then(|| gray_out(py, b.ink, w, h));
+    Ok((gray_out(py, b.data, w, h), b.threshold, ink))
+}
+
+/// Box-filter downsampling by an integer factor of an (H, W) or (H, W, C) uint8 image.
+#[pyfunction]
+fn downsample_area<'py>(
+    py: Python<'py>,
+    img: PyReadonlyArrayDyn<'py, u8>,
+    factor: usize,
+) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+    let (d, w, h, c) = image_of(&img)?;
+    let ndim = img.ndim();
+    let (out, ow, oh) = run(py, || {
+        mask::downsample_area(&ImageView::new(&d, w, h, c)?, factor)
+    })
+    .map_err(to_py)?;
+    let arr = Array3::from_shape_vec((oh, ow, c), out)
+        .expect("shape")
+        .into_dyn();
+    let arr = if ndim == 2 {
+        arr.into_shape_with_order(vec![oh, ow]).expect("shape")
+    } else {
+        arr
+    };
+    Ok(arr.into_pyarray(py))
+}
+
+// ---------------------------------------------------------------------------------------
+// Contours
+
+/// All borders of a binary image with `RETR_CCOMP` semantics: a list of
+/// `(points (N, 2) int64, is_hole, parent index or -1)`.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn find_contours<'py>(
+    py: Python<'py>,
+    binary: PyReadonlyArray2<'py, u8>,
+) -> PyResult<Vec<(Bound<'py, PyArray2<i64>>, bool, i64)>> {
+    let (d, w, h) = gray_of(&binary);
+    let cs = run(py, || contour::find_contours(&d, w, h)).map_err(to_py)?;
+    Ok(cs
+        .iter()
+        .map(|c| {
+            (
+                contour_out(py, &c.points),
+                c.is_hole,
+                c.parent.map_or(-1, |p| p as i64),
+            )
+        })
+        .collect())
+}
+
+/// Polygon area (`cv2.contourArea`).
+#[pyfunction]
+fn contour_area(points: PyReadonlyArray2<'_, i64>) -> PyResult<f64> {
+    Ok(contour::contour_area(&contour_of(&points)?))
+}
+
+/// `cv2.pointPolygonTest(points, (x, y), False)` for an integer point: 1, 0 or -1.
+#[pyfunction]
+fn point_polygon_test(points: PyReadonlyArray2<'_, i64>, x: i64, y: i64) -> PyResult<i8> {
+    Ok(pathflow_core::polygon::Polygon::new(&contour_of(&points)?).test(x, y))
+}
+
+/// Traces a binary image and applies CLAM's contour filter (areas in pixels of `binary`).
+/// Returns `(tissue, holes)`: outer contours and, per contour, its kept holes.
+#[pyfunction]
+#[pyo3(signature = (binary, min_area, min_hole_area, max_holes=8))]
+fn segment_contours<'py>(
+    py: Python<'py>,
+    binary: PyReadonlyArray2<'py, u8>,
+    min_area: f64,
+    min_hole_area: f64,
+    max_holes: usize,
+) -> PyResult<RegionsOut<'py>> {
+    let (d, w, h) = gray_of(&binary);
+    let p = FilterParams {
+        min_area,
+        min_hole_area,
+        max_holes,
+    };
+    let r = run(py, || {
+        contour::find_contours(&d, w, h).map(|cs| contour::filter_contours(&cs, &p))
+    })
+    .map_err(to_py)?;
+    Ok(regions_out(py, &r))
+}
+
+/// Scales regions like CLAM (`int32(point * scale)`, truncation).
+#[pyfunction]
+fn scale_regions<'py>(
+    py: Python<'py>,
+    tissue: PyContours<'py>,
+    holes: Vec<PyContours<'py>>,
+    sx: f64,
+    sy: f64,
+) -> PyResult<RegionsOut<'py>> {
+    let r = regions_of(tissue, holes)?;
+    Ok(regions_out(py, &r.scaled(sx, sy)))
+}
+
+/// Draws regions (outer minus holes, inclusive boundaries) into a `height x width` mask.
+#[pyfunction]
+fn rasterize<'py>(
+    py: Python<'py>,
+    tissue: PyContours<'py>,
+    holes: Vec<PyContours<'py>>,
+    width: usize,
+    height: usize,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let r = regions_of(tissue, holes)?;
+    let m = run(py, || grid::rasterize(&r, width, height));
+    Ok(gray_out(py, m, width, height))
+}
+
+// ---------------------------------------------------------------------------------------
+// Grids
+
+fn contour_fn(name: &str) -> PyResult<ContourFn> {
+    name.parse().map_err(to_py)
+}
+
+/// CLAM's per-contour patch grid on level-0 regions; (N, 2) int64 top-left coordinates.
+#[pyfunction]
+#[pyo3(signature = (tissue, holes, width, height, patch, step, use_padding=true, contour_fn="four_pt"))]
+#[allow(clippy::too_many_arguments)]
+fn clam_grid<'py>(
+    py: Python<'py>,
+    tissue: PyContours<'py>,
+    holes: Vec<PyContours<'py>>,
+    width: i64,
+    height: i64,
+    patch: i64,
+    step: i64,
+    use_padding: bool,
+    contour_fn: &str,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let r = regions_of(tissue, holes)?;
+    let f = self::contour_fn(contour_fn)?;
+    let c = run(py, || {
+        grid::clam_grid(&r, (width, height), patch, step, use_padding, f)
+    })
+    .map_err(to_py)?;
+    Ok(coords_out(py, c))
+}
+
+/// Slide-aligned patch grid (origin (0, 0)) tested against every region; row-major, unique.
+#[pyfunction]
+#[pyo3(signature = (tissue, holes, width, height, patch, step, use_padding=false, contour_fn="four_pt"))]
+#[allow(clippy::too_many_arguments)]
+fn slide_grid<'py>(
+    py: Python<'py>,
+    tissue: PyContours<'py>,
+    holes: Vec<PyContours<'py>>,
+    width: i64,
+    height: i64,
+    patch: i64,
+    step: i64,
+    use_padding: bool,
+    contour_fn: &str,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let r = regions_of(tissue, holes)?;
+    let f = self::contour_fn(contour_fn)?;
+    let c = run(py, || {
+        grid::slide_grid(&r, (width, height), patch, step, use_padding, f)
+    })
+    .map_err(to_py)?;
+    Ok(coords_out(py, c))
+}
+
+/// Every slide-aligned grid position, row-major.
+#[pyfunction]
+#[pyo3(signature = (width, height, patch, step, use_padding=false))]
+fn full_grid(
+    py: Python<'_>,
+    width: i64,
+    height: i64,
+    patch: i64,
+    step: i64,
+    use_padding: bool,
+) -> PyResult<Bound<'_, PyArray2<i64>>> {
+    let c = grid::full_grid((width, height), patch, step, use_padding).map_err(to_py)?;
+    Ok(coords_out(py, c))
+}
+
+/// Exact tissue fraction of each level-0 patch footprint; mask pixel = `sx x sy` level-0 px.
+#[pyfunction]
+fn tissue_fractions<'py>(
+    py: Python<'py>,
+    coords: PyReadonlyArray2<'py, i64>,
+    patch: i64,
+    mask: PyReadonlyArray2<'py, u8>,
+    sx: f64,
+    sy: f64,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let c = contour_of(&coords)?;
+    let (m, w, h) = gray_of(&mask);
+    let f = run(py, || grid::tissue_fractions(&c, patch, &m, w, h, sx, sy)).map_err(to_py)?;
+    Ok(f.into_pyarray(py))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(saturation, m)?)?;
+    m.add_function(wrap_pyfunction!(ink_mask, m)?)?;
+    m.add_function(wrap_pyfunction!(median_blur, m)?)?;
+    m.add_function(wrap_pyfunction!(otsu_threshold, m)?)?;
+    m.add_function(wrap_pyfunction!(morph_close, m)?)?;
+    m.add_function(wrap_pyfunction!(binary_tissue, m)?)?;
+    m.add_function(wrap_pyfunction!(downsample_area, m)?)?;
+    m.add_function(wrap_pyfunction!(find_contours, m)?)?;
+    m.add_function(wrap_pyfunction!(contour_area, m)?)?;
+    m.add_function(wrap_pyfunction!(point_polygon_test, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_contours, m)?)?;
+    m.add_function(wrap_pyfunction!(scale_regions, m)?)?;
+    m.add_function(wrap_pyfunction!(rasterize, m)?)?;
+    m.add_function(wrap_pyfunction!(clam_grid, m)?)?;
+    m.add_function(wrap_pyfunction!(slide_grid, m)?)?;
+    m.add_function(wrap_pyfunction!(full_grid, m)?)?;
+    m.add_function(wrap_pyfunction!(tissue_fractions, m)?)?;
+    Ok(())
+}
