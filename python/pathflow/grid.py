@@ -135,27 +135,7 @@ def patch_grid(
     level = plan_read(slide, ratio)
     ds = slide.level_downsamples[level]
     read_size = max(1, round(patch0 / ds))
-    w0, h0 = slide.dimensions
-    if params.min_tissue is not None:
-        cand = _core.full_grid(w0, h0, patch0, step0, params.use_padding)
-        frac = _core.tissue_fractions(cand, patch0, seg.mask, seg.scale[0], seg.scale[1])
-        keep = frac >= params.min_tissue
-        if params.min_tissue == 0.0:
-            keep = frac > 0.0
-        coords, fractions = cand[keep], frac[keep]
-    else:
-        fn = _core.clam_grid if params.layout == "clam" else _core.slide_grid
-        coords = fn(
-            seg.tissue,
-            seg.holes,
-            w0,
-            h0,
-            patch0,
-            step0,
-            use_padding=params.use_padding,
-            contour_fn=params.contour_fn,
-        )
-        fractions = _core.tissue_fractions(coords, patch0, seg.mask, seg.scale[0], seg.scale[1])
+    coords, fractions = grid_coords(seg, slide.dimensions, patch0, step0, params)
     return PatchGrid(
         coords=np.ascontiguousarray(coords, dtype=np.int64),
         tissue_fraction=np.ascontiguousarray(fractions, dtype=np.float32),
@@ -166,3 +146,32 @@ def patch_grid(
         patch=params.patch,
         target_mpp=float(target),
     )
+
+
+def grid_coords(
+    seg: TissueSegmentation,
+    level0_size: tuple[int, int],
+    patch0: int,
+    step0: int,
+    params: GridParams,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """Coordinates and tissue fractions for level-0 patch side ``patch0`` and ``step0``."""
+    w0, h0 = level0_size
+    if params.min_tissue is not None:
+        cand = _core.full_grid(w0, h0, patch0, step0, params.use_padding)
+        frac = _core.tissue_fractions(cand, patch0, seg.mask, seg.scale[0], seg.scale[1])
+        keep = frac > 0.0 if params.min_tissue == 0.0 else frac >= params.min_tissue
+        return cand[keep], frac[keep]
+    fn = _core.clam_grid if params.layout == "clam" else _core.slide_grid
+    coords = fn(
+        seg.tissue,
+        seg.holes,
+        w0,
+        h0,
+        patch0,
+        step0,
+        use_padding=params.use_padding,
+        contour_fn=params.contour_fn,
+    )
+    fractions = _core.tissue_fractions(coords, patch0, seg.mask, seg.scale[0], seg.scale[1])
+    return coords, fractions

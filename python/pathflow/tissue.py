@@ -197,6 +197,24 @@ def segment_tissue(slide: SlideReader, params: TissueParams, mpp: float | None) 
         scale = slide.level_downsample_xy(level)
     else:
         scale = (dim0[0] / mw, dim0[1] / mh)
+    seg = segment_image(img, scale, params, mpp)
+    seg.seg_level = level
+    seg.info = {"seg_level": level, "seg_factor": factor, "seg_shape": [mh, mw]}
+    return seg
+
+
+def segment_image(
+    img: npt.NDArray[np.uint8],
+    scale: tuple[float, float],
+    params: TissueParams,
+    mpp: float | None = None,
+) -> TissueSegmentation:
+    """Segment an RGB(A) image whose pixels are ``scale`` level-0 pixels wide and high.
+
+    This is :func:`segment_tissue` without the slide: useful when the pixels are already in
+    memory (``mpp`` is only needed for areas in mm²).
+    """
+    params.validate()
     binary, threshold, ink = _core.binary_tissue(
         img,
         sthresh=params.sthresh,
@@ -206,10 +224,8 @@ def segment_tissue(slide: SlideReader, params: TissueParams, mpp: float | None) 
         remove_ink=params.remove_ink,
     )
     seg = _regions_from_binary(binary, params, scale, mpp)
-    seg.seg_level = level
     seg.threshold = int(threshold)
     seg.ink = ink
-    seg.info = {"seg_level": level, "seg_factor": factor, "seg_shape": [mh, mw]}
     return seg
 
 

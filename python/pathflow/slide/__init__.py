@@ -106,6 +106,12 @@ def _backend_class(name: str) -> type[SlideReader]:
     return cls
 
 
+#: ``auto`` tries this backend first for these extensions: tiffslide decodes SVS/TIFF tiles
+#: with libjpeg-turbo on a thread pool and returns the same pixels as OpenSlide for
+#: level-aligned reads, 3-4x faster for whole-level reads (see benches/).
+_PREFERRED = {".svs": "tiffslide", ".tif": "tiffslide", ".tiff": "tiffslide"}
+
+
 def open_slide(
     path: str | os.PathLike[str], backend: str = "auto", mpp: float | None = None
 ) -> SlideReader:
@@ -113,8 +119,9 @@ def open_slide(
 
     Args:
         path: Slide file.
-        backend: ``"auto"`` or a name from :func:`list_backends`. ``auto`` tries openslide
-            (if ``OpenSlide.detect_format`` recognises the file and it is not a plain JPEG or
+        backend: ``"auto"`` or a name from :func:`list_backends`. ``auto`` tries tiffslide
+            first for ``.svs``/``.tif``/``.tiff``, otherwise openslide (if
+            ``OpenSlide.detect_format`` recognises the file and it is not a plain JPEG or
             PNG), then tiffslide and cucim (TIFF-based files), then image (JPEG, PNG, BMP,
             TIFF), then registered extras.
         mpp: Microns per pixel at level 0 to use instead of the file's (0.05-20). The
@@ -139,6 +146,9 @@ def open_slide(
 
     kind = sniff_format(p)
     available = [(n, c) for n, c in _REGISTRY.items() if c.is_available()]
+    preferred = _PREFERRED.get(p.suffix.lower())
+    if preferred is not None:
+        available.sort(key=lambda item: item[0] != preferred)
     failures: list[CorruptSlideError] = []
     for _, cls in available:
         if not cls.can_open(p, kind):

@@ -5,8 +5,7 @@
 //! Border following is imageproc's Suzuki-Abe implementation; the image is padded with one
 //! zero pixel first, as OpenCV does, so regions that touch the image edge are traced fully.
 
-use image::GrayImage;
-use imageproc::contours::{find_contours as suzuki, BorderType};
+use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::ImageView;
@@ -26,35 +25,132 @@ pub struct TracedContour {
 }
 
 /// Traces all borders of the non-zero pixels of a binary image.
+///
+/// Suzuki-Abe border following on an `i32` label image padded with one zero pixel (as
+/// OpenCV pads), the same algorithm as `imageproc::contours::find_contours` but over flat
+/// slices; the tests check it point for point against imageproc (and the Python tests
+/// against `cv2.findContours`).
 pub fn find_contours(data: &[u8], width: usize, height: usize) -> Result<Vec<TracedContour>> {
     ImageView::new(data, width, height, 1)?;
-    let (pw, ph) = (width + 2, height + 2);
-    let mut padded = vec![0u8; pw * ph];
-    for y in 0..height {
-        let src = &data[y * width..(y + 1) * width];
-        let dst = &mut padded[(y + 1) * pw + 1..(y + 1) * pw + 1 + width];
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = u8::from(s != 0);
+    let pw = width + 2;
+    let ph = height + 2;
+    let mut img = vec![0i32; pw * ph];
+    img.par_chunks_mut(pw).enumerate().for_each(|(py, row)| {
+        if py == 0 || py > height {
+            return;
+        }
+        let src = &data[(py - 1) * width..py * width];
+        for (d, &s) in row[1..=width].iter_mut().zip(src) {
+            *d = i32::from(s != 0);
+        }
+    });
+    // Neighbour offsets, clockwise starting west: w, nw, n, ne, e, se, s, sw.
+    let pwi = pw as isize;
+    let offs: [isize; 8] = [-1, -pwi - 1, -pwi, -pwi + 1, 1, pwi + 1, pwi, pwi - 1];
+    let dir_of = |from: usize, to: usize| -> usize {
+        let d = to as isize - from as isize;
+        offs.iter().position(|&o| o == d).expect("neighbour")
+    };
+    let mut contours: Vec<TracedContour> = Vec::new();
+    let mut kinds: Vec<bool> = Vec::new(); // is_hole per border number - 2
+    let mut parents: Vec<Option<usize>> = Vec::new(); // full Suzuki tree parent
+    let mut nbd: i32 = 1;
+    for y in 1..=height {
+        let mut lnbd: i32 = 1;
+        let row = y * pw;
+        let mut x = 1;
+        while x <= width {
+            let p = row + x;
+            let f = img[p];
+            if f == 0 {
+                x += 1;
+                continue;
+            }
+            let start = if f == 1 && img[p - 1] == 0 {
+                Some((p - 1, false))
+            } else if f >= 1 && img[p + 1] == 0 {
+                if f > 1 {
+                    lnbd = f;
+                }
+                Some((p + 1, true))
+            } else {
+                None
+            };
+            if let Some((from, is_hole)) = start {
+                nbd += 1;
+                let parent = if lnbd > 1 {
+                    let pi = (lnbd - 2) as usize;
+                    if is_hole != kinds[pi] {
+                        Some(pi)
+                    } else {
+                        parents[pi]
+                    }
+                } else {
+                    None
+                };
+                let mut pts: Contour = Vec::new();
+                let to_xy = |q: usize| [(q % pw) as i64 - 1, (q / pw) as i64 - 1];
+                // 3.1: clockwise from `from` around p for a non-zero pixel.
+                let d0 = dir_of(p, from);
+                let first = (0..8).map(|k| (d0 + k) % 8).find(|&d| {
+                    let q = (p as isize + offs[d]) as usize;
+                    img[q] != 0
+                });
+                match first {
+                    None => {
+                        pts.push(to_xy(p));
+                        img[p] = -nbd;
+                    }
+                    Some(d1) => {
+                        let p1 = (p as isize + offs[d1]) as usize;
+                        let (mut p2, mut p3) = (p1, p);
+                        loop {
+                            pts.push(to_xy(p3));
+                            // 3.3: counter-clockwise from the element after p2 around p3.
+                            let d2 = dir_of(p3, p2);
+                            let mut east_zero = false;
+                            let mut p4 = p3;
+                            for k in 1..=8 {
+                                let d = (d2 + 8 - k) % 8;
+                                let q = (p3 as isize + offs[d]) as usize;
+                                if img[q] != 0 {
+                                    p4 = q;
+                                    break;
+                                }
+                                if d == 4 {
+                                    east_zero = true;
+                                }
+                            }
+                            // 3.4
+                            if east_zero {
+                                img[p3] = -nbd;
+                            } else if img[p3] == 1 {
+                                img[p3] = nbd;
+                            }
+                            // 3.5
+                            if p4 == p && p3 == p1 {
+                                break;
+                            }
+                            p2 = p3;
+                            p3 = p4;
+                        }
+                    }
+                }
+                kinds.push(is_hole);
+                parents.push(parent);
+                contours.push(TracedContour {
+                    points: pts,
+                    is_hole,
+                    parent: if is_hole { parent } else { None },
+                });
+            }
+            if img[p] != 1 {
+                lnbd = img[p].abs();
+            }
+            x += 1;
         }
     }
-    let img = GrayImage::from_raw(pw as u32, ph as u32, padded).expect("padded buffer");
-    let raw = suzuki::<i64>(&img);
-    let out = raw
-        .iter()
-        .map(|c| {
-            let is_hole = c.border_type == BorderType::Hole;
-            // In a full Suzuki tree a hole's parent is the outer border of its region;
-            // an outer border inside a hole becomes top level, which is RETR_CCOMP.
-            let parent = if is_hole { c.parent } else { None };
-            let points = c.points.iter().map(|p| [p.x - 1, p.y - 1]).collect();
-            TracedContour {
-                points,
-                is_hole,
-                parent,
-            }
-        })
-        .collect();
-    Ok(out)
+    Ok(contours)
 }
 
 /// Unsigned polygon area by the shoelace formula (`cv2.contourArea(c, oriented=False)`).
@@ -170,6 +266,51 @@ impl Regions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::GrayImage;
+    use imageproc::contours::{find_contours as suzuki, BorderType};
+
+    /// imageproc's implementation on the padded image, as the oracle.
+    fn oracle(data: &[u8], w: usize, h: usize) -> Vec<(Contour, bool, Option<usize>)> {
+        let mut padded = vec![0u8; (w + 2) * (h + 2)];
+        for y in 0..h {
+            for x in 0..w {
+                padded[(y + 1) * (w + 2) + x + 1] = u8::from(data[y * w + x] != 0);
+            }
+        }
+        let img = GrayImage::from_raw((w + 2) as u32, (h + 2) as u32, padded).unwrap();
+        suzuki::<i64>(&img)
+            .into_iter()
+            .map(|c| {
+                let hole = c.border_type == BorderType::Hole;
+                let pts = c.points.iter().map(|p| [p.x - 1, p.y - 1]).collect();
+                (pts, hole, if hole { c.parent } else { None })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_imageproc_on_random_images() {
+        let mut seed = 5u32;
+        for density in [2u32, 3, 5] {
+            let (w, h) = (41, 29);
+            let img: Vec<u8> = (0..w * h)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1103515245).wrapping_add(12345);
+                    if (seed >> 16).is_multiple_of(density) {
+                        0
+                    } else {
+                        255
+                    }
+                })
+                .collect();
+            let ours: Vec<(Contour, bool, Option<usize>)> = find_contours(&img, w, h)
+                .unwrap()
+                .into_iter()
+                .map(|c| (c.points, c.is_hole, c.parent))
+                .collect();
+            assert_eq!(ours, oracle(&img, w, h), "density {density}");
+        }
+    }
 
     /// 8x8 image: a 6x6 square ring (outer 1..=6) with a 2x2 hole at 3..=4, touching nothing.
     fn ring() -> (Vec<u8>, usize, usize) {

@@ -143,6 +143,7 @@ fn arange(start: i64, stop: i64, step: i64) -> Vec<i64> {
 /// CLAM's `process_contours` on level-0 regions: for each tissue contour in order, the grid
 /// `arange(start, stop, step)` over its bounding box (x outer, y inner, as CLAM's `meshgrid`
 /// with `indexing='ij'` flattens), kept when `f` accepts it and the centre is not in a hole.
+/// Like CLAM, a contour that yields a single patch contributes none.
 /// `ref_patch` and `step` are level-0 pixels; `level0` is the slide's `(width, height)`.
 pub fn clam_grid(
     regions: &Regions,
@@ -185,7 +186,12 @@ pub fn clam_grid(
                 .collect()
         })
         .collect();
-    Ok(per_contour.into_iter().flatten().collect())
+    // CLAM's process_contour saves a contour's patches only when there are more than one.
+    Ok(per_contour
+        .into_iter()
+        .filter(|c| c.len() > 1)
+        .flatten()
+        .collect())
 }
 
 /// A grid anchored at the slide origin with `step` spacing; a patch is kept when any region
@@ -340,62 +346,53 @@ fn subtract(fill: &[(i64, i64)], mut cut: Vec<(i64, i64)>) -> Vec<(i64, i64)> {
     out
 }
 
-/// Summed-area table of a binary mask (non-zero = 1), `(height + 1) x (width + 1)`.
-pub struct SummedArea {
-    table: Vec<u64>,
-    width: usize,
-    height: usize,
+/// Area of `[a, b)` that falls in the unit cell `[i, i + 1)`.
+#[inline]
+fn cell_overlap(i: usize, a: f64, b: f64) -> f64 {
+    let lo = a.max(i as f64);
+    let hi = b.min(i as f64 + 1.0);
+    (hi - lo).max(0.0)
 }
 
-impl SummedArea {
-    /// Builds the table.
-    pub fn new(mask: &[u8], width: usize, height: usize) -> Self {
-        let mut table = vec![0u64; (width + 1) * (height + 1)];
-        for y in 0..height {
-            let mut run = 0u64;
-            for x in 0..width {
-                run += u64::from(mask[y * width + x] != 0);
-                table[(y + 1) * (width + 1) + x + 1] = table[y * (width + 1) + x + 1] + run;
-            }
-        }
-        Self {
-            table,
-            width,
-            height,
-        }
+/// Exact integral of a binary mask (non-zero = 1, piecewise constant per pixel) over the
+/// real rectangle `[u0, u1) x [v0, v1)`; outside the mask counts as 0.
+pub fn mask_integral(
+    mask: &[u8],
+    width: usize,
+    height: usize,
+    u0: f64,
+    v0: f64,
+    u1: f64,
+    v1: f64,
+) -> f64 {
+    let x0 = u0.max(0.0).floor() as usize;
+    let x1 = (u1.min(width as f64).ceil().max(0.0) as usize).min(width);
+    let y0 = v0.max(0.0).floor() as usize;
+    let y1 = (v1.min(height as f64).ceil().max(0.0) as usize).min(height);
+    if x0 >= x1 || y0 >= y1 {
+        return 0.0;
     }
-
-    fn at(&self, x: usize, y: usize) -> f64 {
-        self.table[y * (self.width + 1) + x] as f64
+    let (wx_first, wx_last) = (cell_overlap(x0, u0, u1), cell_overlap(x1 - 1, u0, u1));
+    let mut total = 0.0;
+    for y in y0..y1 {
+        let wy = cell_overlap(y, v0, v1);
+        let row = &mask[y * width..(y + 1) * width];
+        let s = if x1 - x0 == 1 {
+            f64::from(u8::from(row[x0] != 0)) * wx_first
+        } else {
+            let inner = row[x0 + 1..x1 - 1].iter().filter(|&&v| v != 0).count() as f64;
+            inner
+                + f64::from(u8::from(row[x0] != 0)) * wx_first
+                + f64::from(u8::from(row[x1 - 1] != 0)) * wx_last
+        };
+        total += wy * s;
     }
-
-    /// Integral of the mask over `[0, u) x [0, v)` for real `u, v` (exact: bilinear in a cell).
-    pub fn integral(&self, u: f64, v: f64) -> f64 {
-        let u = u.clamp(0.0, self.width as f64);
-        let v = v.clamp(0.0, self.height as f64);
-        let (x0, y0) = (u.floor() as usize, v.floor() as usize);
-        let (x1, y1) = ((x0 + 1).min(self.width), (y0 + 1).min(self.height));
-        let (fx, fy) = (u - x0 as f64, v - y0 as f64);
-        let top = self.at(x0, y0) * (1.0 - fx) + self.at(x1, y0) * fx;
-        let bottom = self.at(x0, y1) * (1.0 - fx) + self.at(x1, y1) * fx;
-        top * (1.0 - fy) + bottom * fy
-    }
-
-    /// Fraction of the rectangle `[u0, u1) x [v0, v1)` covered (area outside the mask counts
-    /// as background).
-    pub fn fraction(&self, u0: f64, v0: f64, u1: f64, v1: f64) -> f64 {
-        let area = (u1 - u0) * (v1 - v0);
-        if area <= 0.0 {
-            return 0.0;
-        }
-        let s = self.integral(u1, v1) - self.integral(u0, v1) - self.integral(u1, v0)
-            + self.integral(u0, v0);
-        (s / area).clamp(0.0, 1.0)
-    }
+    total
 }
 
 /// Tissue fraction of each level-0 patch `[x, x + patch) x [y, y + patch)`, where mask pixel
-/// `(i, j)` covers level-0 `[i * sx, (i + 1) * sx) x [j * sy, (j + 1) * sy)`.
+/// `(i, j)` covers level-0 `[i * sx, (i + 1) * sx) x [j * sy, (j + 1) * sy)`. Exact area
+/// fractions (partial pixels weighted by overlap); area outside the mask is background.
 pub fn tissue_fractions(
     coords: &[[i64; 2]],
     patch: i64,
@@ -408,16 +405,16 @@ pub fn tissue_fractions(
     if mask.len() != width * height {
         return Err(invalid("mask buffer does not match its shape"));
     }
-    if sx <= 0.0 || sy <= 0.0 {
-        return Err(invalid("mask scale must be > 0"));
+    if sx <= 0.0 || sy <= 0.0 || patch <= 0 {
+        return Err(invalid("mask scale and patch size must be > 0"));
     }
-    let sat = SummedArea::new(mask, width, height);
     Ok(coords
         .par_iter()
         .map(|p| {
             let (u0, v0) = (p[0] as f64 / sx, p[1] as f64 / sy);
             let (u1, v1) = ((p[0] + patch) as f64 / sx, (p[1] + patch) as f64 / sy);
-            sat.fraction(u0, v0, u1, v1) as f32
+            let area = (u1 - u0) * (v1 - v0);
+            (mask_integral(mask, width, height, u0, v0, u1, v1) / area).clamp(0.0, 1.0) as f32
         })
         .collect())
 }
@@ -448,6 +445,16 @@ mod tests {
         };
         let g2 = clam_grid(&regions2, (2000, 2000), 256, 256, true, ContourFn::FourPt).unwrap();
         assert_eq!(g2.len(), 15);
+        // A contour with room for one patch only is dropped, as CLAM does.
+        let tiny = Regions {
+            tissue: vec![square(0, 0, 200, 200)],
+            holes: vec![vec![]],
+        };
+        assert!(
+            clam_grid(&tiny, (2000, 2000), 256, 256, true, ContourFn::FourPt)
+                .unwrap()
+                .is_empty()
+        );
         assert!(!g2.contains(&[256, 256]));
         // CLAM order: x outer, y inner.
         assert_eq!(&g[..2], &[[0, 0], [0, 256]]);
@@ -513,5 +520,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f, vec![1.0, 0.5, 0.25, 0.0]);
+        // Partially outside the mask: outside counts as background.
+        let g = tissue_fractions(&[[-10, 0]], 20, &mask, 4, 4, 10.0, 10.0).unwrap();
+        assert_eq!(g, vec![0.5]);
+        // Sub-pixel footprint inside one mask pixel.
+        let h = tissue_fractions(&[[12, 3]], 5, &mask, 4, 4, 10.0, 10.0).unwrap();
+        assert_eq!(h, vec![1.0]);
     }
 }

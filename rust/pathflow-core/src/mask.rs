@@ -188,24 +188,30 @@ pub fn median_threshold(
         return Err(invalid(format!("median kernel must be odd, got {ksize}")));
     }
     check_gray(data, width, height)?;
-    let r = (ksize / 2) as isize;
+    let r = ksize / 2;
     let need = (ksize * ksize).div_ceil(2) as u32;
     let above: Vec<u8> = data.iter().map(|&v| u8::from(v > thresh)).collect();
-    let clamp = |v: isize, n: usize| v.clamp(0, n as isize - 1) as usize;
     let mut out = vec![0u8; width * height];
     out.par_chunks_mut(width).enumerate().for_each(|(y, row)| {
-        let mut col = vec![0u32; width];
-        for dy in -r..=r {
-            let src = &above[clamp(y as isize + dy, height) * width..][..width];
-            for (c, &a) in col.iter_mut().zip(src) {
-                *c += a as u32;
+        // Column counts over the k rows around y (replicated borders), padded by r columns
+        // on each side with the edge values, so the horizontal window needs no clamping.
+        let mut col = vec![0u16; width + 2 * r];
+        for dy in 0..ksize {
+            let yy = (y + dy).saturating_sub(r).min(height - 1);
+            let src = &above[yy * width..(yy + 1) * width];
+            for (c, &a) in col[r..r + width].iter_mut().zip(src) {
+                *c += u16::from(a);
             }
         }
-        let mut sum: u32 = (-r..=r).map(|dx| col[clamp(dx, width)]).sum();
+        let (first, last) = (col[r], col[r + width - 1]);
+        col[..r].fill(first);
+        col[r + width..].fill(last);
+        let mut sum: u32 = col[..ksize].iter().map(|&c| u32::from(c)).sum();
         for x in 0..width {
             row[x] = if sum >= need { 255 } else { 0 };
-            sum += col[clamp(x as isize + r + 1, width)];
-            sum -= col[clamp(x as isize - r, width)];
+            if x + ksize < col.len() {
+                sum = sum + u32::from(col[x + ksize]) - u32::from(col[x]);
+            }
         }
     });
     Ok(out)
@@ -237,36 +243,38 @@ pub fn morph_close(data: &[u8], width: usize, height: usize, ksize: usize) -> Re
     Ok(rect_filter(&dilated, width, height, ksize, false))
 }
 
-fn window(len: usize, x: usize, k: usize) -> std::ops::Range<usize> {
-    let a = k / 2;
-    let lo = x.saturating_sub(a);
-    let hi = (x + k - a).min(len); // exclusive: x - a + k
-    lo..hi
-}
-
 fn rect_filter(data: &[u8], width: usize, height: usize, k: usize, max: bool) -> Vec<u8> {
-    let pick = |a: u8, b: u8| if max { a.max(b) } else { a.min(b) };
+    // dst(x) = op(src[x - a ..= x - a + k - 1]), a = k / 2; pixels outside the image are
+    // ignored, i.e. padded with op's identity (0 for max, 255 for min).
+    let a = k / 2;
     let init = if max { u8::MIN } else { u8::MAX };
-    // Row pass.
+    let op = |d: &mut [u8], s: &[u8]| {
+        if max {
+            d.iter_mut().zip(s).for_each(|(d, &s)| *d = (*d).max(s));
+        } else {
+            d.iter_mut().zip(s).for_each(|(d, &s)| *d = (*d).min(s));
+        }
+    };
+    // Row pass on a padded copy of each row: k shifted element-wise ops (vectorised).
     let mut rows = vec![0u8; width * height];
     rows.par_chunks_mut(width)
         .zip(data.par_chunks(width))
         .for_each(|(dst, src)| {
-            for (x, d) in dst.iter_mut().enumerate() {
-                *d = src[window(width, x, k)]
-                    .iter()
-                    .fold(init, |m, &v| pick(m, v));
+            let mut pad = vec![init; width + k - 1];
+            pad[a..a + width].copy_from_slice(src);
+            dst.fill(init);
+            for s in 0..k {
+                op(dst, &pad[s..s + width]);
             }
         });
-    // Column pass.
+    // Column pass: element-wise op over the k rows of the window.
     let mut out = vec![0u8; width * height];
     out.par_chunks_mut(width).enumerate().for_each(|(y, dst)| {
-        let ys = window(height, y, k);
         dst.fill(init);
-        for yy in ys {
-            for (d, &v) in dst.iter_mut().zip(&rows[yy * width..(yy + 1) * width]) {
-                *d = pick(*d, v);
-            }
+        let lo = y.saturating_sub(a);
+        let hi = (y + k - a).min(height);
+        for yy in lo..hi {
+            op(dst, &rows[yy * width..(yy + 1) * width]);
         }
     });
     out

@@ -3,6 +3,7 @@
 //! Thin by design: convert numpy views to slices, release the GIL, run the core function on
 //! a fork-safe rayon pool, convert back. Errors map onto `pathflow.exceptions`.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
 use numpy::ndarray::{Array2, Array3};
@@ -90,8 +91,11 @@ fn set_num_threads(n: usize) -> PyResult<()> {
 // ---------------------------------------------------------------------------------------
 // Conversions
 
-/// An image as (data, width, height, channels); copies only if the array is not contiguous.
-fn image_of(a: &PyReadonlyArrayDyn<'_, u8>) -> PyResult<(Vec<u8>, usize, usize, usize)> {
+/// An image as (data, width, height, channels); borrows the numpy buffer when it is
+/// C-contiguous (the read-only borrow keeps it alive and unmodified), copies otherwise.
+fn image_of<'a>(
+    a: &'a PyReadonlyArrayDyn<'_, u8>,
+) -> PyResult<(Cow<'a, [u8]>, usize, usize, usize)> {
     let shape = a.shape().to_vec();
     let (h, w, c) = match shape.as_slice() {
         [h, w] => (*h, *w, 1),
@@ -103,17 +107,17 @@ fn image_of(a: &PyReadonlyArrayDyn<'_, u8>) -> PyResult<(Vec<u8>, usize, usize, 
         }
     };
     let data = match a.as_slice() {
-        Ok(s) => s.to_vec(),
-        Err(_) => a.as_array().iter().copied().collect(),
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(a.as_array().iter().copied().collect()),
     };
     Ok((data, w, h, c))
 }
 
-fn gray_of(a: &PyReadonlyArray2<'_, u8>) -> (Vec<u8>, usize, usize) {
+fn gray_of<'a>(a: &'a PyReadonlyArray2<'_, u8>) -> (Cow<'a, [u8]>, usize, usize) {
     let (h, w) = (a.shape()[0], a.shape()[1]);
     let data = match a.as_slice() {
-        Ok(s) => s.to_vec(),
-        Err(_) => a.as_array().iter().copied().collect(),
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(a.as_array().iter().copied().collect()),
     };
     (data, w, h)
 }
