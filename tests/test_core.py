@@ -15,9 +15,11 @@ from pathflow.exceptions import InvalidArgumentError
 
 
 def test_saturation_is_opencv_exact_on_every_colour() -> None:
-    cube = np.stack(
-        np.meshgrid(np.arange(256), np.arange(256), np.arange(256), indexing="ij"), -1
-    ).reshape(4096, 4096, 3).astype(np.uint8)
+    cube = (
+        np.stack(np.meshgrid(np.arange(256), np.arange(256), np.arange(256), indexing="ij"), -1)
+        .reshape(4096, 4096, 3)
+        .astype(np.uint8)
+    )
     ref = cv2.cvtColor(cube, cv2.COLOR_RGB2HSV)[:, :, 1]
     assert np.array_equal(_core.saturation(cube), ref)
 
@@ -74,7 +76,9 @@ def test_contours_match_opencv_ccomp(cmu_rgb: np.ndarray) -> None:
     ref, hier = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     got = _core.find_contours(binary)
     assert len(got) == len(ref) > 100
-    ref_set = sorted((cv2.contourArea(c), int(hier[0][i][3]) != -1, len(c)) for i, c in enumerate(ref))
+    ref_set = sorted(
+        (cv2.contourArea(c), int(hier[0][i][3]) != -1, len(c)) for i, c in enumerate(ref)
+    )
     got_set = sorted((_core.contour_area(p), is_hole, len(p)) for p, is_hole, _ in got)
     assert got_set == ref_set
     # Same point sets, region by region.
@@ -146,11 +150,26 @@ def test_stub_matches_the_extension() -> None:
     """``_core.pyi`` lists exactly the extension's functions with the same parameters."""
     stub = (Path(pathflow.__file__).parent / "_core.pyi").read_text()
     stubbed = dict(re.findall(r"^def (\w+)\((.*?)\)\s*->", stub, flags=re.S | re.M))
-    public = {
-        n for n, f in vars(_core).items() if callable(f) and not n.startswith("_")
-    }
+    public = {n for n, f in vars(_core).items() if callable(f) and not n.startswith("_")}
     assert set(stubbed) == public
     for name, params in stubbed.items():
         stub_names = [p.split(":")[0].split("=")[0].strip() for p in params.split(",") if p.strip()]
         real = list(inspect.signature(getattr(_core, name)).parameters)
         assert stub_names == real, name
+
+
+def _count_tissue_in_child() -> int:
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 16:48] = (200, 40, 120)
+    binary, _, _ = _core.binary_tissue(img)
+    return int((binary > 0).sum())
+
+
+def test_pool_is_fork_safe() -> None:
+    """A forked child (DataLoader worker, multiprocessing) gets a fresh pool, no deadlock."""
+    import multiprocessing as mp
+
+    parent = _count_tissue_in_child()  # starts the pool in the parent
+    with mp.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(_count_tissue_in_child).get(timeout=60)
+    assert child == parent > 0

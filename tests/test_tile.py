@@ -207,9 +207,10 @@ def test_bring_your_own_masks(tmp_path: Path, cmu_path: Path, cmu_run: Path) -> 
     shutil.copy(cmu_run / "masks" / "cmu_small_region.png", masks / "cmu_small_region.png")
     out = tmp_path / "png"
     assert run_cli("tile", cmu_path, "--mask", masks, "--out", out, "-q") == 0
-    with h5py.File(out / "coords/cmu_small_region.h5") as a, h5py.File(
-        cmu_run / "coords/cmu_small_region.h5"
-    ) as b:
+    with (
+        h5py.File(out / "coords/cmu_small_region.h5") as a,
+        h5py.File(cmu_run / "coords/cmu_small_region.h5") as b,
+    ):
         assert np.array_equal(a["coords"][:], b["coords"][:])
         assert a["coords"].attrs["mask_source"] == "png"
     # GeoJSON: one square of 1000x1000 level-0 px at (514, 514) with a hole.
@@ -226,7 +227,7 @@ def test_bring_your_own_masks(tmp_path: Path, cmu_path: Path, cmu_run: Path) -> 
     # Patches of 257 fully inside [514, 1514]: x, y in {514, 771, 1028} minus those whose
     # footprint overlaps the hole [900, 1100]: only corners remain... grid starts at 0:
     expected = [(x, y) for y in range(0, 2967, 257) for x in range(0, 2220, 257)
-                if 514 <= x and x + 257 <= 1515 and 514 <= y and y + 257 <= 1515
+                if x >= 514 and x + 257 <= 1515 and y >= 514 and y + 257 <= 1515
                 and not (x < 1100 and x + 257 > 900 and y < 1100 and y + 257 > 900)]  # fmt: skip
     assert sorted(map(tuple, coords.tolist())) == sorted(expected)
     assert (frac >= 0.99).all()
@@ -242,6 +243,8 @@ def test_help_is_fast_and_imports_nothing_heavy() -> None:
         "heavy = [m for m in ('numpy', 'h5py', 'openslide', 'PIL', 'pathflow._core') "
         "if m in sys.modules]\nassert not heavy, heavy\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ
+    )
     assert res.returncode == 0, res.stderr
     assert "--a-t" in res.stdout and "--remove-ink" in res.stdout

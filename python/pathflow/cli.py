@@ -16,7 +16,9 @@ _SUPPRESS = argparse.SUPPRESS
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
-    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action="store_true", default=_SUPPRESS, help=help)
+    p.add_argument(
+        f"--{name}", dest=name.replace("-", "_"), action="store_true", default=_SUPPRESS, help=help
+    )
     p.add_argument(
         f"--no-{name}", dest=name.replace("-", "_"), action="store_false", default=_SUPPRESS,
         help=argparse.SUPPRESS,
@@ -46,12 +48,20 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
     _bool_flag(p, "recursive", "search folders recursively")
     a("--backend", default=S, choices=["auto", "openslide", "tiffslide", "cucim", "image"],
       help="slide reader (default auto)")  # fmt: skip
-    a("--slide-mpp", type=float, default=S,
-      help="microns per pixel of the slides, overriding missing or implausible file values")
+    a(
+        "--slide-mpp",
+        type=float,
+        default=S,
+        help="microns per pixel of the slides, overriding missing or implausible file values",
+    )
     a("--slide-mpp-csv", default=S, help="CSV with columns slide,mpp (per-slide override)")
-    a("--preset", default=S, choices=["pathflow", "clam", "tcga"],
-      help="pathflow (default): mask at 4 um/px, areas in mm2, slide-aligned grid at 0.5 mpp; "
-      "clam/tcga: CLAM create_patches_fp.py exactly (level ~64x, areas in 512px patches)")
+    a(
+        "--preset",
+        default=S,
+        choices=["pathflow", "clam", "tcga"],
+        help="pathflow (default): mask at 4 um/px, areas in mm2, slide-aligned grid at 0.5 mpp; "
+        "clam/tcga: CLAM create_patches_fp.py exactly (level ~64x, areas in 512px patches)",
+    )
     g = p.add_argument_group("tissue mask (CLAM names)")
     b = g.add_argument
     b("--seg-level", type=int, default=S, help="level to segment (-1: automatic)")
@@ -60,28 +70,55 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
     b("--mthresh", type=int, default=S, help="median blur kernel, odd (default 7)")
     b("--close", type=int, default=S, help="morphological closing kernel, 0 = off (default 4)")
     _bool_flag(g, "otsu", "use Otsu's threshold instead of --sthresh")  # type: ignore[arg-type]
-    b("--a-t", type=float, default=S,
-      help="min tissue area per region: mm2 (pathflow, default 0.02) or 512x512 level-0 "
-      "patches (clam 100, tcga 16)")
-    b("--a-h", type=float, default=S,
-      help="min hole area, same unit (pathflow 0.005 mm2, clam 16, tcga 4)")
+    b(
+        "--a-t",
+        type=float,
+        default=S,
+        help="min tissue area per region: mm2 (pathflow, default 0.02) or 512x512 level-0 "
+        "patches (clam 100, tcga 16)",
+    )
+    b(
+        "--a-h",
+        type=float,
+        default=S,
+        help="min hole area, same unit (pathflow 0.005 mm2, clam 16, tcga 4)",
+    )
     b("--max-holes", type=int, default=S, help="largest holes kept per region (default 8)")
     b("--area-unit", choices=["mm2", "patch512"], default=S, help="unit of --a-t/--a-h")
     _bool_flag(g, "remove-ink", "exclude blue/green/black pen marker from tissue")  # type: ignore[arg-type]
-    b("--mask", default=S,
-      help="your own mask: a PNG/GeoJSON file, or a folder with <slide>.png/.geojson")
+    b(
+        "--mask",
+        default=S,
+        help="your own mask: a PNG/GeoJSON file, or a folder with <slide>.png/.geojson",
+    )
     q = p.add_argument_group("patch grid")
     c = q.add_argument
     c("--patch", type=int, default=S, help="patch side in pixels at --mpp (default 256)")
-    c("--mpp", type=float, default=S,
-      help="target microns per pixel (pathflow default 0.5; clam: native level 0)")
+    c(
+        "--mpp",
+        type=float,
+        default=S,
+        help="target microns per pixel (pathflow default 0.5; clam: native level 0)",
+    )
     c("--overlap", type=int, default=S, help="overlap between patches in pixels (default 0)")
-    c("--contour-fn", choices=["four_pt", "four_pt_hard", "center", "basic"], default=S,
-      help="patch test against tissue contours (default four_pt)")
-    c("--min-tissue", type=float, default=S,
-      help="instead of --contour-fn, keep patches whose tissue fraction >= this (0-1)")
-    c("--layout", choices=["slide", "clam"], default=S,
-      help="slide: grid anchored at the slide origin; clam: per-contour grids")
+    c(
+        "--contour-fn",
+        choices=["four_pt", "four_pt_hard", "center", "basic"],
+        default=S,
+        help="patch test against tissue contours (default four_pt)",
+    )
+    c(
+        "--min-tissue",
+        type=float,
+        default=S,
+        help="instead of --contour-fn, keep patches whose tissue fraction >= this (0-1)",
+    )
+    c(
+        "--layout",
+        choices=["slide", "clam"],
+        default=S,
+        help="slide: grid anchored at the slide origin; clam: per-contour grids",
+    )
     _bool_flag(q, "use-padding", "allow patches that cross the slide edge")  # type: ignore[arg-type]
     r = p.add_argument_group("run")
     d = r.add_argument
@@ -110,12 +147,19 @@ def _cmd_tile(ns: argparse.Namespace) -> int:
     from pathflow.tiling.config import TileConfig
     from pathflow.tiling.runner import tile_slides
 
-    values = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "quiet", "verbose", "version")}
+    values = {
+        k: v
+        for k, v in vars(ns).items()
+        if k not in ("command", "config", "quiet", "verbose", "version")
+    }
     try:
         from_yaml = TileConfig.from_yaml(ns.config) if ns.config else {}
         cfg = TileConfig.build(from_yaml, values)
         if not cfg.inputs and not cfg.sample:
-            print("pathflow tile: error: no slides given (paths, folders or --sample NAME)", file=sys.stderr)
+            print(
+                "pathflow tile: error: no slides given (paths, folders or --sample NAME)",
+                file=sys.stderr,
+            )
             return 2
         report = tile_slides(cfg, progress=False if ns.quiet else None)
     except (PathflowError, ValueError) as exc:

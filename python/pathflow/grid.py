@@ -18,8 +18,9 @@ the patch footprint covered by the tissue mask.
 
 Example:
     >>> from pathflow.grid import GridParams, patch_grid
-    >>> grid = patch_grid(slide, seg, GridParams(patch=256, mpp=0.5), slide_mpp=0.25)  # doctest: +SKIP
-    >>> grid.coords.shape, grid.read_level, grid.read_size                            # doctest: +SKIP
+    >>> params = GridParams(patch=256, mpp=0.5)
+    >>> grid = patch_grid(slide, seg, params, slide_mpp=0.25)  # doctest: +SKIP
+    >>> grid.coords.shape, grid.read_level, grid.read_size      # doctest: +SKIP
 """
 
 from __future__ import annotations

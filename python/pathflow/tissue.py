@@ -147,7 +147,9 @@ class TissueSegmentation:
         return px * self.scale[0] * self.scale[1] * (mpp / 1000.0) ** 2
 
 
-def _area_to_px(value: float, params: TissueParams, scale: tuple[float, float], mpp: float | None) -> float:
+def _area_to_px(
+    value: float, params: TissueParams, scale: tuple[float, float], mpp: float | None
+) -> float:
     if params.area_unit == "patch512":
         # CLAM: int(ref_patch_size**2 / (scale[0] * scale[1])) seg pixels per ref patch.
         return value * int(params.ref_patch_size**2 / (scale[0] * scale[1]))
@@ -157,7 +159,9 @@ def _area_to_px(value: float, params: TissueParams, scale: tuple[float, float], 
     return value * level0_px_per_mm2 / (scale[0] * scale[1])
 
 
-def choose_seg_level(slide: SlideReader, params: TissueParams, mpp: float | None) -> tuple[int, int]:
+def choose_seg_level(
+    slide: SlideReader, params: TissueParams, mpp: float | None
+) -> tuple[int, int]:
     """Level to read and the extra integer area-downsample factor to apply to it."""
     if params.seg_level >= 0:
         if params.seg_level >= slide.level_count:
@@ -174,11 +178,13 @@ def choose_seg_level(slide: SlideReader, params: TissueParams, mpp: float | None
     want = params.seg_mpp / mpp  # wanted downsample from level 0
     level = slide.get_best_level_for_downsample(want * 1.01)
     have = slide.level_downsamples[level]
-    factor = max(1, int(math.floor(want / have + 1e-6)))
+    factor = max(1, math.floor(want / have + 1e-6))
     return level, factor
 
 
-def segment_tissue(slide: SlideReader, params: TissueParams, mpp: float | None) -> TissueSegmentation:
+def segment_tissue(
+    slide: SlideReader, params: TissueParams, mpp: float | None
+) -> TissueSegmentation:
     """Find tissue regions of ``slide`` (see :class:`TissueParams`)."""
     params.validate()
     level, factor = choose_seg_level(slide, params, mpp)
@@ -193,10 +199,7 @@ def segment_tissue(slide: SlideReader, params: TissueParams, mpp: float | None) 
         img = _core.downsample_area(img, factor)
     mh, mw = img.shape[:2]
     dim0 = slide.dimensions
-    if factor == 1:
-        scale = slide.level_downsample_xy(level)
-    else:
-        scale = (dim0[0] / mw, dim0[1] / mh)
+    scale = slide.level_downsample_xy(level) if factor == 1 else (dim0[0] / mw, dim0[1] / mh)
     seg = segment_image(img, scale, params, mpp)
     seg.seg_level = level
     seg.info = {"seg_level": level, "seg_factor": factor, "seg_shape": [mh, mw]}
@@ -313,10 +316,10 @@ def mask_from_geojson(
         doc = json.loads(p.read_text())
     except Exception as exc:
         raise MaskError(f"{p}: not valid JSON ({exc})") from exc
-    polygons: list[list[list[list[float]]]] = []
+    polygons: list[Any] = []
     for geom in _geometries(doc):
         kind = geom.get("type")
-        coords = geom.get("coordinates")
+        coords = geom.get("coordinates") or []
         if kind == "Polygon":
             polygons.append(coords)
         elif kind == "MultiPolygon":

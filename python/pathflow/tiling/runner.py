@@ -298,7 +298,7 @@ def tile_slides(cfg: TileConfig, progress: bool | None = None) -> TileReport:
     for i, p in enumerate(paths):
         sid = slide_id(p)
         if sid in owner:
-            row = {k: "" for k in MANIFEST_FIELDS}
+            row: dict[str, Any] = {k: "" for k in MANIFEST_FIELDS}
             row.update(slide=sid, path=str(p), status="failed", patches=0, resumed=False)
             row["error"] = f"{p}: duplicate slide id {sid!r} (also {owner[sid]})"
             rows[i] = row
