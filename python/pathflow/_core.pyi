@@ -63,3 +63,49 @@ def full_grid(
 def tissue_fractions(
     coords: Points, patch: int, mask: U8Image, sx: float, sy: float
 ) -> npt.NDArray[np.float32]: ...
+def sanitize_key(id: str, max_len: int = 60) -> str: ...
+def encode_images(
+    images: list[U8Image], out_size: int, format: str, quality: int
+) -> list[bytes]: ...
+def encode_regions(
+    images: list[U8Image], out_size: int, sub_size: int, quality: int, format: str = "jpg"
+) -> list[list[bytes]]: ...
+
+Outcomes = tuple[list[bytes | None], list[str | None]]
+
+class ShardWriter:
+    next_sample: int
+    def __init__(
+        self,
+        dir: str,
+        prefix: str,
+        max_count: int,
+        max_bytes: int,
+        start_index: int = 0,
+        start_sample: int = 0,
+    ) -> None: ...
+    def add_many(self, keys: list[str], files: list[list[tuple[str, bytes]]]) -> None: ...
+    def finished(self) -> list[dict[str, int | str]]: ...
+    def finish(self) -> list[dict[str, int | str]]: ...
+    def abort(self) -> None: ...
+
+class TiledLevel:
+    size: tuple[int, int]
+    tile_size: tuple[int, int]
+    def __init__(
+        self,
+        path: str,
+        width: int,
+        height: int,
+        tile_width: int,
+        tile_height: int,
+        offsets: npt.NDArray[np.uint64],
+        counts: npt.NDArray[np.uint64],
+        tables: bytes,
+        rgb: bool,
+    ) -> None: ...
+    def read_region(self, x: int, y: int, w: int, h: int) -> U8Image: ...
+    def patches(
+        self, coords: Points, read_size: int, out_size: int, quality: int
+    ) -> Outcomes: ...
+    def passthrough(self, coords: Points) -> Outcomes: ...

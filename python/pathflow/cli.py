@@ -120,6 +120,30 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
         help="slide: grid anchored at the slide origin; clam: per-contour grids",
     )
     _bool_flag(q, "use-padding", "allow patches that cross the slide edge")  # type: ignore[arg-type]
+    w = p.add_argument_group("WebDataset shards")
+    e = w.add_argument
+    _bool_flag(w, "shards", "also write patch pixels into DIR/shards/<prefix>-%06d.tar")  # type: ignore[arg-type]
+    e("--shard-prefix", default=S, help="shard name prefix (default shard)")
+    e("--shard-samples", type=int, default=S, help="max samples per shard (default 10000)")
+    e("--shard-mb", type=float, default=S, help="max shard size in MB (default 1024)")
+    e("--format", choices=["jpg", "png", "webp"], default=S, help="image format (default jpg)")
+    e("--quality", type=int, default=S, help="JPEG quality (default 90)")
+    e(
+        "--transcode",
+        choices=["auto", "always", "never"],
+        default=S,
+        help="auto: copy native JPEG tiles without re-encoding when the grid matches them",
+    )
+    _bool_flag(w, "shuffle", "interleave patches of all slides across shards (seeded)")  # type: ignore[arg-type]
+    e("--seed", type=int, default=S, help="shuffle seed (default 0)")
+    e(
+        "--region",
+        type=int,
+        default=S,
+        help="write regions of this many pixels at --mpp (e.g. 4096 for HIPT) instead of patches",
+    )
+    e("--region-patch", type=int, default=S, help="sub-patch size inside regions (default 256)")
+    _bool_flag(w, "region-patches", "also store each region's grid of --region-patch patches")  # type: ignore[arg-type]
     r = p.add_argument_group("run")
     d = r.add_argument
     _bool_flag(r, "overlay", "write overlays/<slide>.jpg (default on; --no-overlay)")  # type: ignore[arg-type]

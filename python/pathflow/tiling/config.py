@@ -67,6 +67,19 @@ class TileConfig:
     min_tissue: float | None = None
     layout: str | None = None
     use_padding: bool | None = None
+    # shards
+    shards: bool = False
+    shard_prefix: str = "shard"
+    shard_samples: int = 10_000
+    shard_mb: float = 1024.0
+    format: str = "jpg"
+    quality: int = 90
+    transcode: str = "auto"
+    shuffle: bool = False
+    seed: int = 0
+    region: int | None = None
+    region_patch: int = 256
+    region_patches: bool = False
     # run
     overlay: bool = True
     thumbnail_size: int = 2048
@@ -99,6 +112,14 @@ class TileConfig:
             out.grid_params().validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+        try:
+            out.shard_params().validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        if out.region is not None and out.region_patches and out.region % out.region_patch:
+            raise ConfigError(
+                f"--region {out.region} is not a multiple of --region-patch {out.region_patch}"
+            )
         if out.workers < 0 or out.threads < 0:
             raise ConfigError("workers and threads must be >= 0 (0 = automatic)")
         if out.slide_mpp is not None and not 0.05 <= out.slide_mpp <= 20:
@@ -127,13 +148,31 @@ class TileConfig:
         """The :class:`~pathflow.grid.GridParams` of this config."""
         g = GRID_PRESETS.get(self.preset, GRID_PRESETS["pathflow"])
         return GridParams(
-            patch=self.patch,
+            patch=self.region or self.patch,
             mpp=self.mpp if (self.mpp is not None or "mpp" in self._explicit) else g["mpp"],
             overlap=self.overlap,
             contour_fn=self.contour_fn,
             min_tissue=self.min_tissue,
             layout=self.layout or g["layout"],
             use_padding=self.use_padding if self.use_padding is not None else g["use_padding"],
+        )
+
+    def shard_params(self) -> Any:
+        """The :class:`~pathflow.tiling.shards.ShardParams` of this config."""
+        from pathflow.tiling.shards import ShardParams
+
+        return ShardParams(
+            prefix=self.shard_prefix,
+            max_samples=self.shard_samples,
+            max_mb=self.shard_mb,
+            format=self.format,
+            quality=self.quality,
+            transcode=self.transcode,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            sub_size=self.region_patch if (self.region and self.region_patches) else 0,
+            backend=self.backend,
+            threads=self.threads,
         )
 
     # ----------------------------------------------------------------------------------

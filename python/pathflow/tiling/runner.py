@@ -34,7 +34,8 @@ SLIDE_EXTENSIONS = (
 
 MANIFEST_FIELDS = [
     "slide", "path", "status", "patches", "mpp", "target_mpp", "patch_level", "patch_size",
-    "patch_size_level0", "seg_level", "tissue_mm2", "seconds", "resumed", "error",
+    "patch_size_level0", "seg_level", "tissue_mm2", "seconds", "resumed", "shard_samples",
+    "error",
 ]  # fmt: skip
 
 
@@ -45,6 +46,7 @@ class TileReport:
     out: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    shards: Any = None
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -62,10 +64,13 @@ class TileReport:
         resumed = sum(1 for r in self.rows if r.get("resumed"))
         patches = sum(int(r.get("patches") or 0) for r in self.rows)
         parts = ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
-        return (
+        text = (
             f"tiled {n} slide(s) in {self.seconds:.1f} s: {parts}"
             f"{f', resumed {resumed}' if resumed else ''}; {patches} patches -> {self.out}"
         )
+        if self.shards is not None:
+            text += "\n" + self.shards.summary()
+        return text
 
 
 def slide_id(path: Path) -> str:
@@ -339,8 +344,30 @@ def tile_slides(cfg: TileConfig, progress: bool | None = None) -> TileReport:
     bar.close()
     report.rows = [rows[k] for k in sorted(rows)]
     _write_manifest(out / "manifest.csv", report.rows)
+    if cfg.shards:
+        _shards_phase(cfg, report, progress)
+        _write_manifest(out / "manifest.csv", report.rows)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _shards_phase(cfg: TileConfig, report: TileReport, progress: bool | None) -> None:
+    from pathflow.tiling.shards import write_shards
+
+    if cfg.slide_mpp is not None:
+        for r in report.rows:
+            r["mpp_override"] = cfg.slide_mpp
+    res = write_shards(Path(cfg.out), report.rows, cfg.shard_params(), cfg.overwrite, progress)
+    report.shards = res
+    for r in report.rows:
+        r.pop("mpp_override", None)
+        if r["status"] == "ok":
+            r["shard_samples"] = res.per_slide.get(r["slide"], 0)
+            errs = res.errors.get(r["slide"])
+            if errs:
+                r["status"] = "failed"
+                r["error"] = f"shards: {errs[0]}"
+                print(f"pathflow tile: FAILED {r['error']}", file=sys.stderr)
 
 
 def _run_pool(

@@ -16,6 +16,9 @@ pub enum CoreError {
     /// Reading or writing a file failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// Slide data (a JPEG stream, a tile table) is malformed or truncated.
+    #[error("corrupt slide data: {0}")]
+    Corrupt(String),
 }
 
 /// Result alias of the core crate.

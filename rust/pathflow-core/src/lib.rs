@@ -13,10 +13,14 @@
 //! decides the pool (the Python binding uses a fork-safe pool sized by `PATHFLOW_NUM_THREADS`).
 
 pub mod contour;
+pub mod encode;
 pub mod error;
 pub mod grid;
+pub mod jpeg;
 pub mod mask;
 pub mod polygon;
+pub mod tiles;
+pub mod shards;
 
 pub use error::{CoreError, Result};
 

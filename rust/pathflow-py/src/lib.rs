@@ -14,15 +14,20 @@ use numpy::{
 use pathflow_core::contour::{self, Contour, FilterParams, Regions};
 use pathflow_core::grid::{self, ContourFn};
 use pathflow_core::mask::{self, BinaryParams};
+use pathflow_core::{encode, jpeg, shards, tiles};
+use rayon::prelude::*;
 use pathflow_core::{CoreError, ImageView};
 use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
 
 pyo3::import_exception!(pathflow.exceptions, InvalidArgumentError);
+pyo3::import_exception!(pathflow.exceptions, CorruptSlideError);
 
 fn to_py(e: CoreError) -> PyErr {
     match e {
         CoreError::InvalidArgument(m) | CoreError::Shape(m) => InvalidArgumentError::new_err(m),
         CoreError::Io(io) => io.into(),
+        CoreError::Corrupt(m) => CorruptSlideError::new_err(m),
     }
 }
 
@@ -502,5 +507,269 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(slide_grid, m)?)?;
     m.add_function(wrap_pyfunction!(full_grid, m)?)?;
     m.add_function(wrap_pyfunction!(tissue_fractions, m)?)?;
+    m.add_function(wrap_pyfunction!(sanitize_key, m)?)?;
+    m.add_class::<PyShardWriter>()?;
+    m.add_class::<PyTiledLevel>()?;
+    m.add_function(wrap_pyfunction!(encode_images, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_regions, m)?)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Shards
+
+/// WebDataset shard writer (see `pathflow_core::shards`).
+#[pyclass(module = "pathflow._core", name = "ShardWriter", unsendable)]
+struct PyShardWriter {
+    inner: Option<shards::ShardWriter>,
+}
+
+fn shard_info_dict<'py>(py: Python<'py>, s: &shards::ShardInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("index", s.index)?;
+    d.set_item("name", &s.name)?;
+    d.set_item("count", s.count)?;
+    d.set_item("bytes", s.bytes)?;
+    d.set_item("first_sample", s.first_sample)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl PyShardWriter {
+    #[new]
+    #[pyo3(signature = (dir, prefix, max_count, max_bytes, start_index=0, start_sample=0))]
+    fn new(
+        dir: std::path::PathBuf,
+        prefix: String,
+        max_count: usize,
+        max_bytes: u64,
+        start_index: usize,
+        start_sample: u64,
+    ) -> PyResult<Self> {
+        let cfg = shards::ShardConfig { dir, prefix, max_count, max_bytes, start_index, start_sample };
+        Ok(Self { inner: Some(shards::ShardWriter::new(cfg).map_err(to_py)?) })
+    }
+
+    /// Appends samples: `keys[i]` with files `files[i]` = list of `(ext, bytes)`.
+    fn add_many(
+        &mut self,
+        py: Python<'_>,
+        keys: Vec<String>,
+        files: Vec<Vec<(String, Vec<u8>)>>,
+    ) -> PyResult<()> {
+        if keys.len() != files.len() {
+            return Err(InvalidArgumentError::new_err("keys and files differ in length"));
+        }
+        let w = self
+            .inner
+            .as_mut()
+            .ok_or_else(|| InvalidArgumentError::new_err("shard writer is closed"))?;
+        py.detach(|| {
+            for (k, fs) in keys.iter().zip(&files) {
+                let refs: Vec<(&str, &[u8])> =
+                    fs.iter().map(|(e, d)| (e.as_str(), d.as_slice())).collect();
+                w.add(k, &refs)?;
+            }
+            Ok::<(), CoreError>(())
+        })
+        .map_err(to_py)
+    }
+
+    /// Global index of the next sample.
+    #[getter]
+    fn next_sample(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |w| w.next_sample())
+    }
+
+    /// Shards finished so far, as dicts.
+    fn finished<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let w = self.inner.as_ref();
+        w.map_or(Ok(Vec::new()), |w| w.finished().iter().map(|s| shard_info_dict(py, s)).collect())
+    }
+
+    /// Publishes the open shard; returns every shard this writer finished.
+    fn finish<'py>(&mut self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let w = self
+            .inner
+            .take()
+            .ok_or_else(|| InvalidArgumentError::new_err("shard writer is closed"))?;
+        let done = py.detach(|| w.finish()).map_err(to_py)?;
+        done.iter().map(|s| shard_info_dict(py, s)).collect()
+    }
+
+    /// Drops the open shard without publishing it.
+    fn abort(&mut self) {
+        if let Some(w) = self.inner.take() {
+            w.abort();
+        }
+    }
+}
+
+/// A dot-free WebDataset key for an identifier (hash-suffixed when changed or too long).
+#[pyfunction]
+#[pyo3(signature = (id, max_len=60))]
+fn sanitize_key(id: &str, max_len: usize) -> String {
+    shards::sanitize_key(id, max_len)
+}
+
+// ---------------------------------------------------------------------------------------
+// Tiled JPEG levels and encoders
+
+type Outcomes<'py> = (Vec<Option<Bound<'py, PyBytes>>>, Vec<Option<String>>);
+
+fn outcomes<'py>(py: Python<'py>, results: Vec<pathflow_core::Result<Vec<u8>>>) -> Outcomes<'py> {
+    let mut data = Vec::with_capacity(results.len());
+    let mut errors = Vec::with_capacity(results.len());
+    for r in results {
+        match r {
+            Ok(b) => {
+                data.push(Some(PyBytes::new(py, &b)));
+                errors.push(None);
+            }
+            Err(e) => {
+                data.push(None);
+                errors.push(Some(e.to_string()));
+            }
+        }
+    }
+    (data, errors)
+}
+
+fn coords_of(a: &PyReadonlyArray2<'_, i64>) -> PyResult<Vec<[i64; 2]>> {
+    contour_of(a)
+}
+
+/// One pyramid level of a tiled JPEG TIFF/SVS, read by the Rust core.
+#[pyclass(module = "pathflow._core", name = "TiledLevel", frozen)]
+struct PyTiledLevel {
+    inner: tiles::TiledLevel,
+}
+
+#[pymethods]
+impl PyTiledLevel {
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        path: std::path::PathBuf,
+        width: usize,
+        height: usize,
+        tile_width: usize,
+        tile_height: usize,
+        offsets: numpy::PyReadonlyArray1<'_, u64>,
+        counts: numpy::PyReadonlyArray1<'_, u64>,
+        tables: Vec<u8>,
+        rgb: bool,
+    ) -> PyResult<Self> {
+        let color = if rgb { jpeg::JpegColor::Rgb } else { jpeg::JpegColor::YCbCr };
+        let inner = tiles::TiledLevel::open(
+            &path,
+            width,
+            height,
+            tile_width,
+            tile_height,
+            offsets.as_array().to_vec(),
+            counts.as_array().to_vec(),
+            tables,
+            color,
+        )
+        .map_err(to_py)?;
+        Ok(Self { inner })
+    }
+
+    /// Level size `(width, height)`.
+    #[getter]
+    fn size(&self) -> (usize, usize) {
+        self.inner.size()
+    }
+
+    /// Tile size `(width, height)`.
+    #[getter]
+    fn tile_size(&self) -> (usize, usize) {
+        self.inner.tile_size()
+    }
+
+    /// RGB region at this level's coordinates; outside the level is white.
+    fn read_region<'py>(&self, py: Python<'py>, x: i64, y: i64, w: usize, h: usize) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+        let data = run(py, || self.inner.read_region(x, y, w, h)).map_err(to_py)?;
+        let arr = Array3::from_shape_vec((h, w, 3), data).expect("shape").into_dyn();
+        Ok(arr.into_pyarray(py))
+    }
+
+    /// Read + area-resize + JPEG-encode a patch per top-left corner (level coordinates);
+    /// returns `(payloads, errors)` with `None` where the other list has the outcome.
+    fn patches<'py>(
+        &self,
+        py: Python<'py>,
+        coords: PyReadonlyArray2<'py, i64>,
+        read_size: usize,
+        out_size: usize,
+        quality: u8,
+    ) -> PyResult<Outcomes<'py>> {
+        let c = coords_of(&coords)?;
+        let res = run(py, || self.inner.patches(&c, read_size, out_size, quality));
+        Ok(outcomes(py, res))
+    }
+
+    /// The native tiles at tile-aligned corners as standalone JPEGs (no re-encoding).
+    fn passthrough<'py>(&self, py: Python<'py>, coords: PyReadonlyArray2<'py, i64>) -> PyResult<Outcomes<'py>> {
+        let c = coords_of(&coords)?;
+        let res = run(py, || self.inner.passthrough(&c));
+        Ok(outcomes(py, res))
+    }
+}
+
+/// Resample each (H, W, 3) image to `out_size` and encode (`jpg`, `png` or `webp`), in
+/// parallel; returns the encoded bytes in order.
+#[pyfunction]
+fn encode_images<'py>(
+    py: Python<'py>,
+    images: Vec<PyReadonlyArrayDyn<'py, u8>>,
+    out_size: usize,
+    format: &str,
+    quality: u8,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    let fmt: encode::Format = format.parse().map_err(to_py)?;
+    let views = images.iter().map(image_of).collect::<PyResult<Vec<_>>>()?;
+    let res: Vec<pathflow_core::Result<Vec<u8>>> = run(py, || {
+        views
+            .par_iter()
+            .map(|(d, w, h, c)| {
+                if *c != 3 {
+                    return Err(CoreError::InvalidArgument("images must be (H, W, 3)".into()));
+                }
+                encode::encode_patch(d, *w, *h, out_size, fmt, quality)
+            })
+            .collect()
+    });
+    res.into_iter().map(|r| r.map(|b| PyBytes::new(py, &b)).map_err(to_py)).collect()
+}
+
+/// Regions: each image resampled to `out_size` and encoded, followed by its grid of
+/// `sub_size` sub-patches; one list of bytes per image.
+#[pyfunction]
+#[pyo3(signature = (images, out_size, sub_size, quality, format="jpg"))]
+fn encode_regions<'py>(
+    py: Python<'py>,
+    images: Vec<PyReadonlyArrayDyn<'py, u8>>,
+    out_size: usize,
+    sub_size: usize,
+    quality: u8,
+    format: &str,
+) -> PyResult<Vec<Vec<Bound<'py, PyBytes>>>> {
+    let fmt: encode::Format = format.parse().map_err(to_py)?;
+    let views = images.iter().map(image_of).collect::<PyResult<Vec<_>>>()?;
+    let res: Vec<pathflow_core::Result<Vec<Vec<u8>>>> = run(py, || {
+        views
+            .par_iter()
+            .map(|(d, w, h, c)| {
+                if *c != 3 {
+                    return Err(CoreError::InvalidArgument("images must be (H, W, 3)".into()));
+                }
+                encode::encode_region(d, *w, *h, out_size, sub_size, fmt, quality)
+            })
+            .collect()
+    });
+    res.into_iter()
+        .map(|r| r.map(|parts| parts.iter().map(|b| PyBytes::new(py, b)).collect()).map_err(to_py))
+        .collect()
 }

@@ -1,0 +1,386 @@
+"""Phase 2 of ``pathflow tile --shards``: patch pixels into WebDataset shards.
+
+The samples of a run are a fixed sequence: slides in id order, each slide's coordinates in
+file order, or, with ``--shuffle``, a seeded permutation of all of them so a streaming
+loader sees many slides per batch. The sequence is cut into shards by the Rust writer
+(``max samples`` / ``max bytes``), so a shard's content depends only on where it starts.
+
+Resuming: finished shards (``<prefix>-%06d.tar`` + ``.idx``, published atomically) are kept,
+their sample counts give the position to continue from, and the rest is rewritten; a run
+killed at any moment and re-run yields exactly the shards of an uninterrupted run. A
+``plan.json`` fingerprint guards against resuming with different slides or options.
+
+Each sample: ``<key>.jpg`` (or ``.png``/``.webp``) and ``<key>.json`` (slide id, level-0
+``x``/``y``, level read, mpp, sizes, tissue fraction); keys are dot-free
+(``<slide key>_<x>_<y>``, the real slide id is in the JSON). In region mode the sample also
+holds ``p000.jpg``... its grid of sub-patches, with their coordinates in the JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pathflow import _core
+from pathflow.exceptions import InvalidArgumentError, PathflowError
+
+CHUNK = 512
+
+
+@dataclass
+class ShardParams:
+    prefix: str = "shard"
+    max_samples: int = 10_000
+    max_mb: float = 1024.0
+    format: str = "jpg"
+    quality: int = 90
+    transcode: str = "auto"
+    shuffle: bool = False
+    seed: int = 0
+    sub_size: int = 0
+    backend: str = "auto"
+    threads: int = 0
+
+    def validate(self) -> None:
+        if self.format not in ("jpg", "png", "webp"):
+            raise InvalidArgumentError(f"format must be jpg, png or webp, got {self.format!r}")
+        if not 1 <= self.quality <= 100:
+            raise InvalidArgumentError(f"quality must be in 1..100, got {self.quality}")
+        if self.transcode not in ("auto", "always", "never"):
+            raise InvalidArgumentError("transcode must be auto, always or never")
+        if self.max_samples < 1 or self.max_mb <= 0:
+            raise InvalidArgumentError("shard limits must be positive")
+
+
+@dataclass
+class SlidePlan:
+    sid: str
+    path: Path
+    coords: npt.NDArray[np.int64]
+    fractions: npt.NDArray[np.float32]
+    attrs: dict[str, Any]
+    key: str = ""
+    mpp_override: float | None = None
+
+
+@dataclass
+class ShardReport:
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    resumed_shards: int = 0
+    per_slide: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    passthrough_slides: int = 0
+
+    def summary(self) -> str:
+        mb = self.bytes / 1e6
+        rate = self.samples / self.seconds if self.seconds else 0.0
+        return (
+            f"shards: {len(self.shards)} ({self.resumed_shards} resumed), {self.samples} samples, "
+            f"{mb:.1f} MB in {self.seconds:.1f} s ({rate:.0f} patches/s, "
+            f"{mb / self.seconds if self.seconds else 0:.1f} MB/s)"
+        )
+
+
+def load_plans(out: Path, rows: list[dict[str, Any]]) -> list[SlidePlan]:
+    """One plan per slide with coordinates (sorted by slide id for a stable order)."""
+    from pathflow.outputs import read_coords_h5
+
+    plans = []
+    for row in rows:
+        if row["status"] not in ("ok",):
+            continue
+        h5 = out / "coords" / f"{row['slide']}.h5"
+        coords, attrs = read_coords_h5(h5)
+        import h5py
+
+        with h5py.File(h5, "r") as f:
+            fr = f["tissue_fraction"][:] if "tissue_fraction" in f else np.ones(len(coords))
+        plans.append(
+            SlidePlan(
+                sid=row["slide"],
+                path=Path(row["path"]),
+                coords=np.ascontiguousarray(coords, dtype=np.int64),
+                fractions=np.asarray(fr, dtype=np.float32),
+                attrs=attrs,
+                key=_core.sanitize_key(row["slide"], 60),
+            )
+        )
+    plans.sort(key=lambda p: p.sid)
+    return plans
+
+
+def sample_order(plans: list[SlidePlan], shuffle: bool, seed: int) -> npt.NDArray[np.int64]:
+    """(N, 2) array of (slide index, patch index) in writing order."""
+    counts = [len(p.coords) for p in plans]
+    slide_idx = np.repeat(np.arange(len(plans), dtype=np.int64), counts)
+    patch_idx = (
+        np.concatenate([np.arange(c, dtype=np.int64) for c in counts])
+        if counts
+        else (np.zeros(0, np.int64))
+    )
+    order = np.stack([slide_idx, patch_idx], axis=1)
+    if shuffle and len(order):
+        perm = np.random.default_rng(seed).permutation(len(order))
+        order = order[perm]
+    return np.ascontiguousarray(order)
+
+
+def fingerprint(plans: list[SlidePlan], params: ShardParams) -> str:
+    h = hashlib.sha256()
+    for k in ("prefix", "max_samples", "max_mb", "format", "quality", "transcode", "shuffle",
+              "seed", "sub_size"):  # fmt: skip
+        h.update(f"{k}={getattr(params, k)};".encode())
+    for p in plans:
+        h.update(p.sid.encode())
+        h.update(p.coords.tobytes())
+        for k in ("patch_level", "patch_size", "target_patch_size", "target_mpp"):
+            h.update(f"{k}={p.attrs.get(k)};".encode())
+    return h.hexdigest()
+
+
+def _finished_shards(dir: Path, prefix: str) -> tuple[list[dict[str, Any]], int]:
+    """Contiguous finished shards from 0 and the number of samples they hold; removes
+    temporaries and anything after the first gap (a crash leaves at most one partial)."""
+    done: list[dict[str, Any]] = []
+    total = 0
+    i = 0
+    while True:
+        name = f"{prefix}-{i:06d}.tar"
+        tar, idx = dir / name, dir / name.replace(".tar", ".idx")
+        if not (tar.is_file() and idx.is_file()):
+            break
+        header = idx.open().readline().split()
+        if len(header) != 2 or header[0] != "v1.2":
+            break
+        n = int(header[1])
+        done.append({"index": i, "name": name, "count": n, "bytes": tar.stat().st_size,
+                     "first_sample": total})  # fmt: skip
+        total += n
+        i += 1
+    for f in dir.iterdir():
+        stale = f.name.startswith(".") and f.name.endswith(".tmp")
+        if f.name.startswith(f"{prefix}-") and f.suffix in (".tar", ".idx"):
+            try:
+                num = int(f.stem.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            stale = stale or num >= i
+        if stale:
+            f.unlink()
+    return done, total
+
+
+def write_shards(
+    out: Path,
+    rows: list[dict[str, Any]],
+    params: ShardParams,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> ShardReport:
+    """Write (or resume) the shards of a run into ``out/shards``."""
+    from tqdm.auto import tqdm
+
+    from pathflow.outputs import atomic_path
+    from pathflow.tiling.sources import PatchSpec, open_source, sub_grid
+
+    params.validate()
+    t0 = time.perf_counter()
+    sdir = out / "shards"
+    sdir.mkdir(parents=True, exist_ok=True)
+    plans = load_plans(out, rows)
+    overrides = {r["slide"]: r.get("mpp_override") for r in rows}
+    for p in plans:
+        p.mpp_override = overrides.get(p.sid)
+    fp = fingerprint(plans, params)
+    plan_file = sdir / "plan.json"
+    if overwrite:
+        for f in sdir.iterdir():
+            if f.is_file():
+                f.unlink()
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text()).get("fingerprint")
+        if old != fp:
+            raise PathflowError(
+                f"{sdir}: holds shards of a different run (slides, coordinates or shard "
+                "options changed); use --overwrite to rewrite them"
+            )
+    else:
+        with atomic_path(plan_file) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": fp, "slides": [p.sid for p in plans]}))
+
+    done, start = _finished_shards(sdir, params.prefix)
+    order = sample_order(plans, params.shuffle, params.seed)
+    report = ShardReport(resumed_shards=len(done))
+    report.per_slide = {p.sid: 0 for p in plans}
+    threads = params.threads or (os.cpu_count() or 1)
+
+    writer = _core.ShardWriter(
+        str(sdir), params.prefix, params.max_samples, int(params.max_mb * 1e6),
+        start_index=len(done), start_sample=start,
+    )  # fmt: skip
+    sources: dict[int, Any] = {}
+    bar = tqdm(total=len(order), initial=start, desc="shards", unit="patch", file=sys.stderr,
+               disable=(not progress) if progress is not None else None)  # fmt: skip
+
+    def source(i: int) -> Any:
+        if i not in sources:
+            if len(sources) >= 32:  # bounded number of open slides
+                oldest = next(iter(sources))
+                sources.pop(oldest).close()
+            p = plans[i]
+            a = p.attrs
+            spec = PatchSpec(
+                read_level=int(a["patch_level"]),
+                read_size=int(a["patch_size"]),
+                out_size=int(a.get("target_patch_size", a["patch_size"])),
+                format=params.format,
+                quality=params.quality,
+                sub_size=params.sub_size,
+            )
+            if spec.sub_size:
+                sub_grid(spec.out_size, spec.sub_size)
+            sources[i] = open_source(p.path, params.backend, spec, params.transcode, threads,
+                                     p.mpp_override)  # fmt: skip
+            if sources[i].passthrough:
+                report.passthrough_slides += 1
+        return sources[i]
+
+    failed_open: dict[int, str] = {}
+    try:
+        for c0 in range(start, len(order), CHUNK):
+            chunk = order[c0 : c0 + CHUNK]
+            results: dict[int, list[list[bytes] | str]] = {}
+            positions: dict[int, npt.NDArray[np.int64]] = {}
+            for si in np.unique(chunk[:, 0]).tolist():
+                sel = chunk[:, 0] == si
+                positions[si] = np.flatnonzero(sel)
+                if si in failed_open:
+                    results[si] = [failed_open[si]] * int(sel.sum())
+                    continue
+                try:
+                    src = source(si)
+                except Exception as exc:
+                    msg = f"{plans[si].path}: {str(exc).splitlines()[0] if str(exc) else exc}"
+                    failed_open[si] = msg
+                    results[si] = [msg] * int(sel.sum())
+                    continue
+                results[si] = src.produce(plans[si].coords[chunk[sel, 1]])
+            per_pos: list[list[bytes] | str] = [b""] * len(chunk)  # type: ignore[list-item]
+            for si, pos in positions.items():
+                for j, r in zip(pos.tolist(), results[si], strict=False):
+                    per_pos[j] = r
+            keys, files = [], []
+            for j, (si, pi) in enumerate(chunk.tolist()):
+                r = per_pos[j]
+                p = plans[si]
+                if isinstance(r, str):
+                    errs = report.errors.setdefault(p.sid, [])
+                    if len(errs) < 5:
+                        errs.append(r)
+                    continue
+                x, y = (int(v) for v in p.coords[pi])
+                key = f"{p.key}_{x}_{y}"
+                meta = _sample_json(p, pi, x, y, params, len(r) - 1)
+                entry = [(params.format, r[0]), ("json", meta)]
+                for k, sub in enumerate(r[1:]):
+                    entry.append((f"p{k:03d}.{params.format}", sub))
+                keys.append(key)
+                files.append(entry)
+                report.per_slide[p.sid] += 1
+            writer.add_many(keys, files)
+            bar.update(len(chunk))
+        finished = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for s in sources.values():
+            s.close()
+        bar.close()
+    report.shards = done + finished
+    report.per_slide = _count_per_slide(sdir, report.shards, plans)
+    report.samples = sum(s["count"] for s in report.shards)
+    report.bytes = sum(s["bytes"] for s in report.shards)
+    report.seconds = time.perf_counter() - t0
+    _write_summary(sdir, report, plans, params)
+    return report
+
+
+def _count_per_slide(
+    sdir: Path, shards: list[dict[str, Any]], plans: list[SlidePlan]
+) -> dict[str, int]:
+    """Samples per slide over all shards (resumed ones included), from the index files."""
+    by_key = {p.key: p.sid for p in plans}
+    counts = {p.sid: 0 for p in plans}
+    for s in shards:
+        with open(sdir / s["name"].replace(".tar", ".idx")) as f:
+            next(f)
+            for line in f:
+                name = line.split(" ", 4)[3]
+                key = name.split(".", 1)[0].rsplit("_", 2)[0]
+                if key in by_key:
+                    counts[by_key[key]] += 1
+    return counts
+
+
+def _sample_json(p: SlidePlan, pi: int, x: int, y: int, params: ShardParams, n_sub: int) -> bytes:
+    a = p.attrs
+    meta: dict[str, Any] = {
+        "slide": p.sid,
+        "x": x,
+        "y": y,
+        "level": int(a["patch_level"]),
+        "read_size": int(a["patch_size"]),
+        "patch_size": int(a.get("target_patch_size", a["patch_size"])),
+        "patch_size_level0": int(a.get("patch_size_level0", a["patch_size"])),
+        "mpp": float(a.get("target_mpp", a.get("mpp", 0.0))),
+        "slide_mpp": float(a.get("mpp", 0.0)),
+        "tissue_fraction": round(float(p.fractions[pi]), 4),
+    }
+    if n_sub > 0:
+        g = round(n_sub**0.5)
+        step = meta["patch_size_level0"] / g
+        meta["sub_patch_size"] = params.sub_size
+        meta["sub_coords"] = [
+            [x + round(c * step), y + round(r * step)] for r in range(g) for c in range(g)
+        ]
+    return json.dumps(meta, separators=(",", ":")).encode()
+
+
+def _write_summary(sdir: Path, r: ShardReport, plans: list[SlidePlan], params: ShardParams) -> None:
+    from pathflow.outputs import atomic_path
+
+    doc = {
+        "format": "webdataset",
+        "prefix": params.prefix,
+        "image_ext": params.format,
+        "samples": r.samples,
+        "bytes": r.bytes,
+        "shuffled": params.shuffle,
+        "seed": params.seed,
+        "shards": [
+            {
+                "name": s["name"],
+                "index_file": s["name"].replace(".tar", ".idx"),
+                "samples": s["count"],
+                "bytes": s["bytes"],
+                "first_sample": s["first_sample"],
+            }
+            for s in r.shards
+        ],
+        "slides": {p.sid: r.per_slide.get(p.sid, 0) for p in plans},
+    }
+    with atomic_path(sdir / "shards.json") as tmp:
+        tmp.write_text(json.dumps(doc, indent=1))
