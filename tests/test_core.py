@@ -150,8 +150,19 @@ def test_stub_matches_the_extension() -> None:
     """``_core.pyi`` lists exactly the extension's functions with the same parameters."""
     stub = (Path(pathflow.__file__).parent / "_core.pyi").read_text()
     stubbed = dict(re.findall(r"^def (\w+)\((.*?)\)\s*->", stub, flags=re.S | re.M))
-    public = {n for n, f in vars(_core).items() if callable(f) and not n.startswith("_")}
+    public = {
+        n
+        for n, f in vars(_core).items()
+        if callable(f) and not isinstance(f, type) and not n.startswith("_")
+    }
     assert set(stubbed) == public
+    classes = dict(re.findall(r"^class (\w+):\n((?:    .*\n|\n)*)", stub, flags=re.M))
+    assert set(classes) == {n for n, f in vars(_core).items() if isinstance(f, type)}
+    for cls, body in classes.items():
+        for meth in re.findall(r"^    def (\w+)\(", body, flags=re.M):
+            assert hasattr(getattr(_core, cls), meth), f"{cls}.{meth}"
+        for attr in re.findall(r"^    (\w+): ", body, flags=re.M):
+            assert hasattr(getattr(_core, cls), attr), f"{cls}.{attr}"
     for name, params in stubbed.items():
         stub_names = [p.split(":")[0].split("=")[0].strip() for p in params.split(",") if p.strip()]
         real = list(inspect.signature(getattr(_core, name)).parameters)

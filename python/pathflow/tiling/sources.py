@@ -141,10 +141,13 @@ class NativeTiffSource:
             for i, e in enumerate(encoded):
                 out.append(bad.get(i, e))
             return out
-        return [[p] if e is None else e for p, e in zip(payloads, errors, strict=False)]
+        return [
+            [p] if p is not None else (e or "unknown error")
+            for p, e in zip(payloads, errors, strict=True)
+        ]
 
     def close(self) -> None:
-        self.level = None
+        del self.level
 
 
 class ReaderSource:

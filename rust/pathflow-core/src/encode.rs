@@ -26,7 +26,9 @@ impl std::str::FromStr for Format {
             "jpg" | "jpeg" => Ok(Self::Jpeg),
             "png" => Ok(Self::Png),
             "webp" => Ok(Self::WebP),
-            _ => Err(invalid(format!("unknown image format {s:?} (jpg, png or webp)"))),
+            _ => Err(invalid(format!(
+                "unknown image format {s:?} (jpg, png or webp)"
+            ))),
         }
     }
 }
@@ -51,7 +53,12 @@ pub fn encode(rgb: &[u8], w: usize, h: usize, format: Format, quality: u8) -> Re
                 .ok_or_else(|| invalid("RGB buffer does not match its size"))?;
             let mut out = Cursor::new(Vec::new());
             image::codecs::webp::WebPEncoder::new_lossless(&mut out)
-                .write_image(img.as_raw(), w as u32, h as u32, image::ExtendedColorType::Rgb8)
+                .write_image(
+                    img.as_raw(),
+                    w as u32,
+                    h as u32,
+                    image::ExtendedColorType::Rgb8,
+                )
                 .map_err(err)?;
             Ok(out.into_inner())
         }
@@ -88,10 +95,16 @@ pub fn encode_region(
     format: Format,
     quality: u8,
 ) -> Result<Vec<Vec<u8>>> {
-    if sub == 0 || out % sub != 0 {
-        return Err(invalid(format!("region size {out} is not a multiple of {sub}")));
+    if sub == 0 || !out.is_multiple_of(sub) {
+        return Err(invalid(format!(
+            "region size {out} is not a multiple of {sub}"
+        )));
     }
-    let img = if w == out && h == out { rgb.to_vec() } else { resize_area(rgb, w, h, out, out) };
+    let img = if w == out && h == out {
+        rgb.to_vec()
+    } else {
+        resize_area(rgb, w, h, out, out)
+    };
     let mut parts = vec![encode(&img, out, out, format, quality)?];
     let n = out / sub;
     let mut tile = vec![0u8; sub * sub * 3];
@@ -112,7 +125,9 @@ mod tests {
     use super::*;
 
     fn gradient(w: usize, h: usize) -> Vec<u8> {
-        (0..w * h).flat_map(|i| [(i % w) as u8, (i / w) as u8, 128]).collect()
+        (0..w * h)
+            .flat_map(|i| [(i % w) as u8, (i / w) as u8, 128])
+            .collect()
     }
 
     #[test]

@@ -19,8 +19,8 @@ pub mod grid;
 pub mod jpeg;
 pub mod mask;
 pub mod polygon;
-pub mod tiles;
 pub mod shards;
+pub mod tiles;
 
 pub use error::{CoreError, Result};
 

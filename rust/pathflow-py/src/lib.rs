@@ -15,10 +15,10 @@ use pathflow_core::contour::{self, Contour, FilterParams, Regions};
 use pathflow_core::grid::{self, ContourFn};
 use pathflow_core::mask::{self, BinaryParams};
 use pathflow_core::{encode, jpeg, shards, tiles};
-use rayon::prelude::*;
 use pathflow_core::{CoreError, ImageView};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use rayon::prelude::*;
 
 pyo3::import_exception!(pathflow.exceptions, InvalidArgumentError);
 pyo3::import_exception!(pathflow.exceptions, CorruptSlideError);
@@ -546,8 +546,17 @@ impl PyShardWriter {
         start_index: usize,
         start_sample: u64,
     ) -> PyResult<Self> {
-        let cfg = shards::ShardConfig { dir, prefix, max_count, max_bytes, start_index, start_sample };
-        Ok(Self { inner: Some(shards::ShardWriter::new(cfg).map_err(to_py)?) })
+        let cfg = shards::ShardConfig {
+            dir,
+            prefix,
+            max_count,
+            max_bytes,
+            start_index,
+            start_sample,
+        };
+        Ok(Self {
+            inner: Some(shards::ShardWriter::new(cfg).map_err(to_py)?),
+        })
     }
 
     /// Appends samples: `keys[i]` with files `files[i]` = list of `(ext, bytes)`.
@@ -558,7 +567,9 @@ impl PyShardWriter {
         files: Vec<Vec<(String, Vec<u8>)>>,
     ) -> PyResult<()> {
         if keys.len() != files.len() {
-            return Err(InvalidArgumentError::new_err("keys and files differ in length"));
+            return Err(InvalidArgumentError::new_err(
+                "keys and files differ in length",
+            ));
         }
         let w = self
             .inner
@@ -584,7 +595,12 @@ impl PyShardWriter {
     /// Shards finished so far, as dicts.
     fn finished<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let w = self.inner.as_ref();
-        w.map_or(Ok(Vec::new()), |w| w.finished().iter().map(|s| shard_info_dict(py, s)).collect())
+        w.map_or(Ok(Vec::new()), |w| {
+            w.finished()
+                .iter()
+                .map(|s| shard_info_dict(py, s))
+                .collect()
+        })
     }
 
     /// Publishes the open shard; returns every shard this writer finished.
@@ -660,7 +676,11 @@ impl PyTiledLevel {
         tables: Vec<u8>,
         rgb: bool,
     ) -> PyResult<Self> {
-        let color = if rgb { jpeg::JpegColor::Rgb } else { jpeg::JpegColor::YCbCr };
+        let color = if rgb {
+            jpeg::JpegColor::Rgb
+        } else {
+            jpeg::JpegColor::YCbCr
+        };
         let inner = tiles::TiledLevel::open(
             &path,
             width,
@@ -689,9 +709,18 @@ impl PyTiledLevel {
     }
 
     /// RGB region at this level's coordinates; outside the level is white.
-    fn read_region<'py>(&self, py: Python<'py>, x: i64, y: i64, w: usize, h: usize) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
+    fn read_region<'py>(
+        &self,
+        py: Python<'py>,
+        x: i64,
+        y: i64,
+        w: usize,
+        h: usize,
+    ) -> PyResult<Bound<'py, PyArrayDyn<u8>>> {
         let data = run(py, || self.inner.read_region(x, y, w, h)).map_err(to_py)?;
-        let arr = Array3::from_shape_vec((h, w, 3), data).expect("shape").into_dyn();
+        let arr = Array3::from_shape_vec((h, w, 3), data)
+            .expect("shape")
+            .into_dyn();
         Ok(arr.into_pyarray(py))
     }
 
@@ -711,7 +740,11 @@ impl PyTiledLevel {
     }
 
     /// The native tiles at tile-aligned corners as standalone JPEGs (no re-encoding).
-    fn passthrough<'py>(&self, py: Python<'py>, coords: PyReadonlyArray2<'py, i64>) -> PyResult<Outcomes<'py>> {
+    fn passthrough<'py>(
+        &self,
+        py: Python<'py>,
+        coords: PyReadonlyArray2<'py, i64>,
+    ) -> PyResult<Outcomes<'py>> {
         let c = coords_of(&coords)?;
         let res = run(py, || self.inner.passthrough(&c));
         Ok(outcomes(py, res))
@@ -735,13 +768,17 @@ fn encode_images<'py>(
             .par_iter()
             .map(|(d, w, h, c)| {
                 if *c != 3 {
-                    return Err(CoreError::InvalidArgument("images must be (H, W, 3)".into()));
+                    return Err(CoreError::InvalidArgument(
+                        "images must be (H, W, 3)".into(),
+                    ));
                 }
                 encode::encode_patch(d, *w, *h, out_size, fmt, quality)
             })
             .collect()
     });
-    res.into_iter().map(|r| r.map(|b| PyBytes::new(py, &b)).map_err(to_py)).collect()
+    res.into_iter()
+        .map(|r| r.map(|b| PyBytes::new(py, &b)).map_err(to_py))
+        .collect()
 }
 
 /// Regions: each image resampled to `out_size` and encoded, followed by its grid of
@@ -763,13 +800,18 @@ fn encode_regions<'py>(
             .par_iter()
             .map(|(d, w, h, c)| {
                 if *c != 3 {
-                    return Err(CoreError::InvalidArgument("images must be (H, W, 3)".into()));
+                    return Err(CoreError::InvalidArgument(
+                        "images must be (H, W, 3)".into(),
+                    ));
                 }
                 encode::encode_region(d, *w, *h, out_size, sub_size, fmt, quality)
             })
             .collect()
     });
     res.into_iter()
-        .map(|r| r.map(|parts| parts.iter().map(|b| PyBytes::new(py, b)).collect()).map_err(to_py))
+        .map(|r| {
+            r.map(|parts| parts.iter().map(|b| PyBytes::new(py, b)).collect())
+                .map_err(to_py)
+        })
         .collect()
 }
