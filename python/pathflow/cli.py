@@ -122,7 +122,7 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
     _bool_flag(q, "use-padding", "allow patches that cross the slide edge")  # type: ignore[arg-type]
     w = p.add_argument_group("WebDataset shards")
     e = w.add_argument
-    _bool_flag(w, "shards", "also write patch pixels into DIR/shards/<prefix>-%06d.tar")  # type: ignore[arg-type]
+    _bool_flag(w, "shards", "also write patch pixels into DIR/shards/<prefix>-%%06d.tar")  # type: ignore[arg-type]
     e("--shard-prefix", default=S, help="shard name prefix (default shard)")
     e("--shard-samples", type=int, default=S, help="max samples per shard (default 10000)")
     e("--shard-mb", type=float, default=S, help="max shard size in MB (default 1024)")
