@@ -380,3 +380,47 @@ def test_killed_run_resumes_to_identical_shards(tmp_path: Path, cmu_path: Path) 
     for x, y in zip(a, b, strict=False):
         assert x.read_bytes() == y.read_bytes(), x.name
         assert x.with_suffix(".idx").read_text() == y.with_suffix(".idx").read_text()
+
+
+def test_png_format(tmp_path: Path, cmu_path: Path) -> None:
+    out = tmp_path / "out"
+    assert run_cli("tile", cmu_path, "--out", out, "--shards", "--format", "png", "-q") == 0
+    samples = all_samples(out / "shards")
+    assert len(samples) == 43
+    import cv2
+
+    files = next(iter(samples.values()))
+    assert set(files) == {"png", "json"}
+    meta = json.loads(files["json"])
+    img = np.asarray(Image.open(io.BytesIO(files["png"])).convert("RGB"))
+    with open_slide(cmu_path, backend="openslide") as s:
+        region = s.read_region((meta["x"], meta["y"]), 0, (257, 257))
+    want = cv2.resize(region, (256, 256), interpolation=cv2.INTER_AREA)
+    assert np.abs(img.astype(int) - want.astype(int)).max() <= 1  # lossless after resampling
+
+
+def test_disk_full_is_a_clear_error_and_resumable(tmp_path: Path, cmu_path: Path) -> None:
+    """A write that fails (file size limit standing in for a full disk) stops shard writing
+    with one line on stderr; finished shards stay, no partial shard is published, and a
+    re-run completes them."""
+    out = tmp_path / "out"
+    argv = ["tile", str(cmu_path), "--out", str(out), "--shards", "--shard-samples", "16", "-q",
+            "--format", "png"]  # fmt: skip
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "from pathflow.cli import main\n"
+        "main(['tile', " + repr(str(cmu_path)) + ", '--out', " + repr(str(out)) + ", '-q'])\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1_500_000, 1_500_000))\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode != 0
+    err = [line for line in res.stderr.splitlines() if "error" in line]
+    assert len(err) == 1 and "writing shards failed" in err[0] and "re-run" in err[0], res.stderr
+    sdir = out / "shards"
+    assert not [p for p in sdir.iterdir() if p.name.startswith(".")]
+    partial = sorted(p.name for p in sdir.glob("*.tar"))
+    assert all((sdir / n.replace(".tar", ".idx")).is_file() for n in partial)
+    assert run_cli(*argv) == 0
+    assert json.loads((sdir / "shards.json").read_text())["samples"] == 43

@@ -188,7 +188,10 @@ def _cmd_tile(ns: argparse.Namespace) -> int:
         report = tile_slides(cfg, progress=False if ns.quiet else None)
     except (PathflowError, ValueError) as exc:
         print(f"pathflow tile: error: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, ValueError) else 1
+    except OSError as exc:
+        print(f"pathflow tile: error: {exc}", file=sys.stderr)
+        return 1
     print(report.summary(), file=sys.stderr)
     return 0 if report.ok else 1
 

@@ -302,6 +302,12 @@ def write_shards(
             writer.add_many(keys, files)
             bar.update(len(chunk))
         finished = writer.finish()
+    except OSError as exc:
+        writer.abort()
+        reason = exc.strerror or str(exc)
+        raise PathflowError(
+            f"{sdir}: writing shards failed ({reason}); finished shards are kept, re-run to resume"
+        ) from exc
     except BaseException:
         writer.abort()
         raise

@@ -240,6 +240,27 @@ impl ShardWriter {
         let Some(cur) = self.current.take() else {
             return Ok(());
         };
+        let tmp = cur.tmp.clone();
+        let name = shard_name(&self.cfg.prefix, cur.index);
+        let idx_tmp = self
+            .cfg
+            .dir
+            .join(format!(".{}.tmp", name.replace(".tar", ".idx")));
+        match self.publish(cur) {
+            Ok(info) => {
+                self.done.push(info);
+                Ok(())
+            }
+            Err(e) => {
+                // Never leave a half-written shard or index behind.
+                let _ = fs::remove_file(&tmp);
+                let _ = fs::remove_file(&idx_tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn publish(&self, cur: OpenShard) -> Result<ShardInfo> {
         let OpenShard {
             index,
             tmp,
@@ -266,14 +287,13 @@ impl ShardWriter {
         fs::rename(&idx_tmp, self.cfg.dir.join(&idx_name))?;
         fs::rename(&tmp, &final_tar)?;
         sync_dir(&self.cfg.dir);
-        self.done.push(ShardInfo {
+        Ok(ShardInfo {
             index,
             name,
             count: idx.len(),
             bytes,
             first_sample,
-        });
-        Ok(())
+        })
     }
 
     /// Closes the open shard and returns every shard this writer finished.
