@@ -258,9 +258,12 @@ def write_shards(
         return sources[i]
 
     failed_open: dict[int, str] = {}
+    # Samples per batch: 512 patches of 256 px, fewer for big regions (bounded memory).
+    out_px = max((int(p.attrs.get("target_patch_size", 256)) for p in plans), default=256)
+    chunk_len = max(2, min(CHUNK, CHUNK * 256 * 256 // (out_px * out_px)))
     try:
-        for c0 in range(start, len(order), CHUNK):
-            chunk = order[c0 : c0 + CHUNK]
+        for c0 in range(start, len(order), chunk_len):
+            chunk = order[c0 : c0 + chunk_len]
             results: dict[int, list[list[bytes] | str]] = {}
             positions: dict[int, npt.NDArray[np.int64]] = {}
             for si in np.unique(chunk[:, 0]).tolist():
