@@ -194,6 +194,21 @@ pub fn clam_grid(
         .collect())
 }
 
+/// Largest top-left corner of a slide-aligned grid: patches must fit inside the slide unless
+/// padding is allowed, in which case they only have to start inside it.
+fn grid_extent(level0: (i64, i64), patch: i64, step: i64, use_padding: bool) -> Result<(i64, i64)> {
+    if patch <= 0 || step <= 0 {
+        return Err(invalid(format!(
+            "patch size ({patch}) and step ({step}) must be > 0"
+        )));
+    }
+    Ok(if use_padding {
+        (level0.0 - 1, level0.1 - 1)
+    } else {
+        (level0.0 - patch, level0.1 - patch)
+    })
+}
+
 /// A grid anchored at the slide origin with `step` spacing; a patch is kept when any region
 /// accepts it (contour function `f`, centre not in one of that region's holes).
 /// Without padding only patches that fit entirely inside the slide are candidates.
@@ -206,16 +221,7 @@ pub fn slide_grid(
     use_padding: bool,
     f: ContourFn,
 ) -> Result<Vec<[i64; 2]>> {
-    if patch <= 0 || step <= 0 {
-        return Err(invalid(format!(
-            "patch size ({patch}) and step ({step}) must be > 0"
-        )));
-    }
-    let (max_x, max_y) = if use_padding {
-        (level0.0 - 1, level0.1 - 1)
-    } else {
-        (level0.0 - patch, level0.1 - patch)
-    };
+    let (max_x, max_y) = grid_extent(level0, patch, step, use_padding)?;
     let mut all: Vec<[i64; 2]> = regions
         .tissue
         .par_iter()
@@ -252,16 +258,7 @@ pub fn full_grid(
     step: i64,
     use_padding: bool,
 ) -> Result<Vec<[i64; 2]>> {
-    if patch <= 0 || step <= 0 {
-        return Err(invalid(format!(
-            "patch size ({patch}) and step ({step}) must be > 0"
-        )));
-    }
-    let (max_x, max_y) = if use_padding {
-        (level0.0 - 1, level0.1 - 1)
-    } else {
-        (level0.0 - patch, level0.1 - patch)
-    };
+    let (max_x, max_y) = grid_extent(level0, patch, step, use_padding)?;
     let mut out = Vec::new();
     for y in arange(0, max_y + 1, step) {
         for x in arange(0, max_x + 1, step) {

@@ -402,8 +402,29 @@ fn rasterize<'py>(
 // ---------------------------------------------------------------------------------------
 // Grids
 
-fn contour_fn(name: &str) -> PyResult<ContourFn> {
-    name.parse().map_err(to_py)
+struct GridArgs<'a> {
+    size: (i64, i64),
+    patch: i64,
+    step: i64,
+    use_padding: bool,
+    contour_fn: &'a str,
+}
+
+type GridFn =
+    fn(&Regions, (i64, i64), i64, i64, bool, ContourFn) -> pathflow_core::Result<Vec<[i64; 2]>>;
+
+/// Converts the regions, runs a grid function without the GIL, returns (N, 2) coordinates.
+fn grid_with<'py>(
+    py: Python<'py>,
+    tissue: PyContours<'py>,
+    holes: Vec<PyContours<'py>>,
+    a: GridArgs<'_>,
+    f: GridFn,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let r = regions_of(tissue, holes)?;
+    let cf: ContourFn = a.contour_fn.parse().map_err(to_py)?;
+    let c = run(py, || f(&r, a.size, a.patch, a.step, a.use_padding, cf)).map_err(to_py)?;
+    Ok(coords_out(py, c))
 }
 
 /// CLAM's per-contour patch grid on level-0 regions; (N, 2) int64 top-left coordinates.
@@ -421,13 +442,14 @@ fn clam_grid<'py>(
     use_padding: bool,
     contour_fn: &str,
 ) -> PyResult<Bound<'py, PyArray2<i64>>> {
-    let r = regions_of(tissue, holes)?;
-    let f = self::contour_fn(contour_fn)?;
-    let c = run(py, || {
-        grid::clam_grid(&r, (width, height), patch, step, use_padding, f)
-    })
-    .map_err(to_py)?;
-    Ok(coords_out(py, c))
+    let args = GridArgs {
+        size: (width, height),
+        patch,
+        step,
+        use_padding,
+        contour_fn,
+    };
+    grid_with(py, tissue, holes, args, grid::clam_grid)
 }
 
 /// Slide-aligned patch grid (origin (0, 0)) tested against every region; row-major, unique.
@@ -445,13 +467,14 @@ fn slide_grid<'py>(
     use_padding: bool,
     contour_fn: &str,
 ) -> PyResult<Bound<'py, PyArray2<i64>>> {
-    let r = regions_of(tissue, holes)?;
-    let f = self::contour_fn(contour_fn)?;
-    let c = run(py, || {
-        grid::slide_grid(&r, (width, height), patch, step, use_padding, f)
-    })
-    .map_err(to_py)?;
-    Ok(coords_out(py, c))
+    let args = GridArgs {
+        size: (width, height),
+        patch,
+        step,
+        use_padding,
+        contour_fn,
+    };
+    grid_with(py, tissue, holes, args, grid::slide_grid)
 }
 
 /// Every slide-aligned grid position, row-major.
