@@ -79,12 +79,24 @@ def write_coords_h5(
 
 def read_coords_h5(path: str | os.PathLike[str]) -> tuple[npt.NDArray[np.int64], dict[str, Any]]:
     """Coordinates and ``coords`` attrs of a file written by :func:`write_coords_h5`."""
+    coords, _, attrs = read_patch_table(path)
+    return coords, attrs
+
+
+def read_patch_table(
+    path: str | os.PathLike[str],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], dict[str, Any]]:
+    """Coordinates, tissue fractions (ones for CLAM's own files) and ``coords`` attrs."""
     import h5py
 
     with h5py.File(path, "r") as f:
-        coords = f["coords"][:]
+        coords = np.asarray(f["coords"][:], dtype=np.int64)
         attrs = {k: _plain(v) for k, v in f["coords"].attrs.items()}
-    return coords, attrs
+        if "tissue_fraction" in f:
+            fractions = np.asarray(f["tissue_fraction"][:], dtype=np.float32)
+        else:
+            fractions = np.ones(len(coords), np.float32)
+    return coords, fractions, attrs
 
 
 def _plain(v: Any) -> Any:

@@ -354,13 +354,9 @@ def tile_slides(cfg: TileConfig, progress: bool | None = None) -> TileReport:
 def _shards_phase(cfg: TileConfig, report: TileReport, progress: bool | None) -> None:
     from pathflow.tiling.shards import write_shards
 
-    if cfg.slide_mpp is not None:
-        for r in report.rows:
-            r["mpp_override"] = cfg.slide_mpp
     res = write_shards(Path(cfg.out), report.rows, cfg.shard_params(), cfg.overwrite, progress)
     report.shards = res
     for r in report.rows:
-        r.pop("mpp_override", None)
         if r["status"] == "ok":
             r["shard_samples"] = res.per_slide.get(r["slide"], 0)
             errs = res.errors.get(r["slide"])

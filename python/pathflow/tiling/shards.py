@@ -69,7 +69,6 @@ class SlidePlan:
     fractions: npt.NDArray[np.float32]
     attrs: dict[str, Any]
     key: str = ""
-    mpp_override: float | None = None
 
 
 @dataclass
@@ -95,18 +94,13 @@ class ShardReport:
 
 def load_plans(out: Path, rows: list[dict[str, Any]]) -> list[SlidePlan]:
     """One plan per slide with coordinates (sorted by slide id for a stable order)."""
-    from pathflow.outputs import read_coords_h5
+    from pathflow.outputs import read_patch_table
 
     plans = []
     for row in rows:
-        if row["status"] not in ("ok",):
+        if row["status"] != "ok":
             continue
-        h5 = out / "coords" / f"{row['slide']}.h5"
-        coords, attrs = read_coords_h5(h5)
-        import h5py
-
-        with h5py.File(h5, "r") as f:
-            fr = f["tissue_fraction"][:] if "tissue_fraction" in f else np.ones(len(coords))
+        coords, fr, attrs = read_patch_table(out / "coords" / f"{row['slide']}.h5")
         plans.append(
             SlidePlan(
                 sid=row["slide"],
@@ -200,9 +194,6 @@ def write_shards(
     sdir = out / "shards"
     sdir.mkdir(parents=True, exist_ok=True)
     plans = load_plans(out, rows)
-    overrides = {r["slide"]: r.get("mpp_override") for r in rows}
-    for p in plans:
-        p.mpp_override = overrides.get(p.sid)
     fp = fingerprint(plans, params)
     plan_file = sdir / "plan.json"
     if overwrite:
@@ -251,8 +242,7 @@ def write_shards(
             )
             if spec.sub_size:
                 sub_grid(spec.out_size, spec.sub_size)
-            sources[i] = open_source(p.path, params.backend, spec, params.transcode, threads,
-                                     p.mpp_override)  # fmt: skip
+            sources[i] = open_source(p.path, params.backend, spec, params.transcode, threads)
             if sources[i].passthrough:
                 report.passthrough_slides += 1
         return sources[i]

@@ -215,12 +215,11 @@ def open_source(
     spec: PatchSpec,
     transcode: str,
     threads: int,
-    mpp_override: float | None,
 ) -> PatchSource:
     """The fastest source that can produce ``spec`` for this slide."""
     from pathflow.slide import open_slide
 
-    reader = open_slide(path, backend=backend, mpp=mpp_override)
+    reader = open_slide(path, backend=backend)  # pixels only: no mpp needed
     if path.suffix.lower() in (".svs", ".tif", ".tiff"):
         info = tiff_level_info(path, reader.level_dimensions[spec.read_level])
         if info is not None:
