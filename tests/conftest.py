@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+# cuCIM must be imported before torch: on a machine without a GPU driver, importing it after
+# the CUDA build of torch blocks in cuFile's start-up (see pathflow.slide.cucim_reader). The
+# cuCIM reader tests need it; torch comes in with the data/train tests.
+with contextlib.suppress(ImportError):
+    import cucim  # noqa: F401
 
 import numpy as np
 import pytest
@@ -35,3 +42,13 @@ def cmu_rgb(cmu_path: Path) -> np.ndarray:
 
     with open_slide(cmu_path, backend="openslide") as s:
         return s.read_level(0)
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory: pytest.TempPathFactory, cmu_path: Path) -> Path:
+    """WebDataset shards of cmu-small: 43 real 256-px H&E patches (``pathflow tile --shards``)."""
+    from pathflow.cli import main
+
+    out = tmp_path_factory.mktemp("sample_shards")
+    assert main(["tile", str(cmu_path), "--out", str(out), "--shards", "-q"]) == 0
+    return out / "shards"

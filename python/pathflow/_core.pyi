@@ -70,6 +70,61 @@ def encode_images(
 def encode_regions(
     images: list[U8Image], out_size: int, sub_size: int, quality: int, format: str = "jpg"
 ) -> list[list[bytes]]: ...
+def image_info(data: list[bytes]) -> tuple[npt.NDArray[np.int32], list[str | None]]:
+    """(N, 2) array of (width, height), 0 where invalid; and per image None or the error reason.
+
+    Structural JPEG/PNG check only (header, 8-bit, 1 or 3 JPEG components, EOI / IEND at the
+    end); nothing is decoded.
+    """
+
+def decode_views(
+    data: list[bytes],
+    boxes: list[npt.NDArray[np.float32]],
+    sizes: list[int],
+    d4: list[npt.NDArray[np.uint8]],
+) -> tuple[list[U8Image], npt.NDArray[np.bool_], list[str | None]]:
+    """Decode each image once, cut its views: per group an (N, V_g, S_g, S_g, 3) uint8 array.
+
+    ``boxes[g]`` is (N, V_g, 4) float32 ``(x0, y0, w, h)`` in source pixels, resized to
+    ``sizes[g]`` square with PIL's antialiased bilinear; ``d4[g]`` is (N, V_g) codes 0..7
+    (bit 0 transpose, then bit 1 horizontal flip, then bit 2 vertical flip). Returns the
+    arrays, the ok mask (N,) and per image None or the reason it failed (its views are zeros).
+    Bad image data never raises; mismatched shapes, size 0, codes > 7 and boxes outside the
+    image raise InvalidArgumentError.
+    """
+
+RGBTriple = tuple[float, float, float]
+
+def augment_views(
+    crops: U8Image,
+    stain: npt.NDArray[np.bool_],
+    stain_mean: npt.NDArray[np.float32],
+    stain_std: npt.NDArray[np.float32],
+    hed: npt.NDArray[np.bool_],
+    hed_matrix: npt.NDArray[np.float32],
+    hed_offset: npt.NDArray[np.float32],
+    color: npt.NDArray[np.bool_],
+    color_matrix: npt.NDArray[np.float32],
+    color_k: npt.NDArray[np.float32],
+    blur_sigma: npt.NDArray[np.float32],
+    solarize: npt.NDArray[np.bool_],
+    mean: RGBTriple,
+    std: RGBTriple,
+    output: str,
+) -> npt.NDArray[np.float32] | npt.NDArray[np.uint16] | U8Image:
+    """One view's float stages for a batch, fused per sample: an (N, 3, S, S) array.
+
+    ``crops`` is (N, S, S, 3) uint8 (e.g. ``decode_views(...)[g][:, j]``: each crop must be
+    C-contiguous, the batch axis may be strided; other layouts are copied). The parameters
+    are the :class:`pathflow.data.views.ViewParams` fields of the same names ((N,), (N, 3) or
+    (N, 3, 3), float32 / bool). Stages as in :mod:`pathflow.data.augment_torch`: RandStainNA,
+    HED, colour jitter, Gaussian blur, solarisation. ``output``: ``"float"`` -> float32
+    ``(x - mean) / std``; ``"bfloat16"`` -> uint16 holding those values as bfloat16 bits
+    (round to nearest even; view with ``torch.from_numpy(a).view(torch.bfloat16)``);
+    ``"uint8"`` -> ``round_half_even(255 x)``, not normalised. Wrong shapes, a blur window
+    wider than the view (``ceil(3 sigma) >= S``), a negative sigma, std 0 or an unknown
+    output raise InvalidArgumentError.
+    """
 
 Outcomes = tuple[list[bytes | None], list[str | None]]
 

@@ -156,13 +156,98 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """Backbone options shared by ``extract`` and ``eval``."""
+    S = _SUPPRESS
+    g = p.add_argument_group("backbone")
+    a = g.add_argument
+    a("--arch", default=S, help="timm model name (e.g. vit_small_patch16_224, resnet50) or "
+      "resnet50_trunc (CLAM's 1024-d ResNet-50)")  # fmt: skip
+    a("--weights", default=S, help="our .safetensors export or a training/DINO checkpoint")
+    _bool_flag(g, "pretrained", "load timm's pretrained weights (downloaded or cached)")  # type: ignore[arg-type]
+    a("--image-size", type=int, default=S, help="input side in pixels (default: the model's)")
+    a("--norm", choices=["imagenet", "model"], default=S,
+      help="normalisation: ImageNet mean/std (default) or the model's pretrained_cfg")  # fmt: skip
+    a("--batch-size", type=int, default=S, help="images per forward pass (default 64)")
+    a("--workers", type=int, default=S, help="read/decode threads (default 2)")
+    a("--device", default=S, help="auto (default: cuda if available), cpu, cuda, cuda:1...")
+    a("--config", help="YAML file with options (long names with underscores)")
+    a("--quiet", "-q", action="store_true", help="no progress bar, warnings only")
+    a("--verbose", "-v", action="store_true", help="debug logs")
+
+
+def _extract_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "extract",
+        help="patch features of shards or image folders with a timm backbone",
+        description=(
+            "Embed every patch of WebDataset shards (pathflow tile --shards: the tile output "
+            "folder or its shards/) or of image folders (ROOT/<slide>/<image>) and write one "
+            "features/<slide>.h5 (features float32 [N, D], coords int64 [N, 2], CLAM/TRIDENT "
+            "layout) or .pt per slide into --out. Finished slides are skipped on re-run."
+        ),
+    )
+    S = _SUPPRESS
+    a = p.add_argument
+    a("inputs", nargs="*", default=S, help="shards folders, tile output folders or image folders")
+    a("--out", "-o", default=S, help="output folder (default: pathflow_out)")
+    a("--features-dir", default=S, help="sub-folder of --out for the files (default features)")
+    a("--format", choices=["h5", "pt"], default=S, help="h5 (default) or pt (CLAM pt_files)")
+    _bool_flag(p, "overwrite", "redo slides whose features file exists")
+    _model_args(p)
+    return p
+
+
+def _eval_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="KNN / linear-probe evaluation of a backbone on a labelled patch dataset",
+        description="Embed a labelled ImageFolder dataset (ROOT/<class>/<image>) and evaluate "
+        "the features with DINO's weighted KNN or a linear probe.",
+    )
+    methods = p.add_subparsers(dest="method", metavar="METHOD", required=True)
+    S = _SUPPRESS
+    for name, text in (
+        ("knn", "weighted k-NN as in DINO (cosine, k=20, T=0.07)"),
+        ("linear", "logistic regression on standardised features (L-BFGS, weight decay sweep)"),
+    ):
+        m = methods.add_parser(name, help=text, description=text,
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+        a = m.add_argument
+        a("data", nargs="?", default=S, help="labelled folder, split by --test-fraction")
+        a("--train", default=S, help="training folder ROOT/<class>/<image>")
+        a("--test", default=S, help="test folder with the same classes")
+        a("--test-fraction", type=float, default=S, help="test share of DATA (default 0.2)")
+        a("--seed", type=int, default=S, help="split / subsample / t-SNE seed (default 0)")
+        a("--max-per-class", type=int, default=S, help="use at most N images per class")
+        a("--out", "-o", default=S, help="output folder (default pathflow_eval)")
+        _bool_flag(m, "plot", "t-SNE plot of the test embedding (default on; --no-plot)")
+        a("--plot-points", type=int, default=S, help="max points in the plot (default 5000)")
+        if name == "knn":
+            a("--k", type=int, default=S, help="neighbours (default 20)")
+            a("--temperature", type=float, default=S, help="vote temperature (default 0.07)")
+        else:
+            a("--weight-decays", type=float, nargs="+", default=S,
+              help="weight decays swept on a validation split (default 1e-6 .. 1e-1)")  # fmt: skip
+            a("--val-fraction", type=float, default=S, help="validation share (default 0.2)")
+            a("--max-iter", type=int, default=S, help="L-BFGS iterations (default 500)")
+        _model_args(m)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pathflow.train.cli import add_train_parser  # argparse + a dataclass, no torch
+
     parser = argparse.ArgumentParser(
         prog="pathflow", description="Fast data engine for computational pathology."
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _tile_parser(sub)
+    add_train_parser(sub)
+    _extract_parser(sub)
+    _eval_parser(sub)
+    _demo_parser(sub)
     return parser
 
 
@@ -196,6 +281,81 @@ def _cmd_tile(ns: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _run_logged(ns: argparse.Namespace, loggers: tuple[str, ...]) -> None:
+    if not ns.quiet and not ns.verbose:
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _cmd_extract(ns: argparse.Namespace) -> int:
+    from pathflow.exceptions import PathflowError
+    from pathflow.extract import ExtractConfig, run_extract
+
+    _run_logged(ns, ("pathflow.extract",))
+    skip = ("command", "config", "quiet", "verbose", "version")
+    values = {k: v for k, v in vars(ns).items() if k not in skip}
+    try:
+        from_yaml = ExtractConfig.from_yaml(ns.config) if ns.config else {}
+        cfg = ExtractConfig.build(from_yaml, values)
+        report = run_extract(cfg, progress=False if ns.quiet else None)
+    except (PathflowError, ValueError, OSError) as exc:
+        print(f"pathflow extract: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    print(report.summary(), file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _cmd_eval(ns: argparse.Namespace) -> int:
+    from pathflow.evaluate import EvalConfig, run_eval
+    from pathflow.exceptions import PathflowError
+
+    _run_logged(ns, ("pathflow.eval", "pathflow.extract"))
+    skip = ("command", "config", "quiet", "verbose", "version")
+    values = {k: v for k, v in vars(ns).items() if k not in skip}
+    try:
+        from_yaml = EvalConfig.from_yaml(ns.config) if ns.config else {}
+        cfg = EvalConfig.build(from_yaml, values)
+        result = run_eval(cfg, progress=False if ns.quiet else None)
+    except (PathflowError, ValueError, OSError) as exc:
+        print(f"pathflow eval {ns.method}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    print(result.summary())
+    return 0
+
+
+def _demo_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "demo",
+        help="end-to-end demo on the sample slides: tile -> shards -> DINO -> extract -> KNN",
+        description="Tile the built-in sample slides into shards, pretrain a small ViT with "
+        "DINO for a few steps, extract features, evaluate them with weighted KNN on a labelled "
+        "patch set built from the samples (class = source slide) and write OUT/REPORT.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--out", "-o", default="pathflow_demo", help="output folder")
+    a("--steps", type=int, default=40, help="DINO training steps")
+    a("--batch-size", type=int, default=16, help="training batch size")
+    a("--arch", default="vit_tiny_patch16_224", help="timm backbone")
+    a("--device", default="auto", help="auto, cpu or cuda")
+    a("--seed", type=int, default=0, help="seed")
+    return p
+
+
+def _cmd_demo(ns: argparse.Namespace) -> int:
+    from pathflow.demo import DemoConfig, run_demo
+    from pathflow.exceptions import PathflowError
+
+    cfg = DemoConfig(out=ns.out, steps=ns.steps, batch_size=ns.batch_size, arch=ns.arch,
+                     device=ns.device, seed=ns.seed)  # fmt: skip
+    try:
+        run_demo(cfg)
+    except (PathflowError, RuntimeError, ValueError, OSError) as exc:
+        print(f"pathflow demo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -210,6 +370,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if ns.command == "tile":
         return _cmd_tile(ns)
+    if ns.command == "train":
+        from pathflow.train.cli import run_train
+
+        return run_train(ns)
+    if ns.command == "extract":
+        return _cmd_extract(ns)
+    if ns.command == "eval":
+        return _cmd_eval(ns)
+    if ns.command == "demo":
+        return _cmd_demo(ns)
     parser.print_help()
     return 2
 

@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,20 @@ _TIFF_UNIT_SCALE = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0}
 
 @functools.cache
 def _cuimage_class() -> Any:
+    import sys
+
+    if "cucim" not in sys.modules and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if not torch.cuda.is_available():
+            # Seen with cucim-cu13 and the CUDA build of torch on a machine without a GPU
+            # driver: importing cucim after torch blocks forever in cuFile's start-up.
+            warnings.warn(
+                "cuCIM is skipped: importing it after torch without a CUDA device can hang; "
+                "import cucim before torch to use it here",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
     try:
         from cucim import CuImage  # type: ignore[attr-defined]
     except Exception:
@@ -122,7 +137,14 @@ class CuCIMReader(SlideReader):
 
     @classmethod
     def is_available(cls) -> bool:
-        return _cuimage_class() is not None
+        # Only look for the package here: importing cucim is slow and, after torch has been
+        # imported, can stall; it is imported when a slide is actually opened with it.
+        import importlib.util
+
+        try:
+            return importlib.util.find_spec("cucim") is not None
+        except (ImportError, ValueError):
+            return False
 
     @classmethod
     def can_open(cls, path: Path, kind: str | None) -> bool:

@@ -8,10 +8,15 @@
 //!   evaluated a whole row at a time, and polygon rasterisation.
 //! * [`grid`]: patch coordinate grids (CLAM's per-contour grid and a slide-aligned grid),
 //!   the `four_pt` rule and exact tissue fractions from a summed-area table.
+//! * [`views`]: cheap JPEG/PNG validity checks and the decode-once, many-views kernel of the
+//!   self-supervised data loader (float-box crop, PIL-compatible bilinear resize, D4).
+//! * [`augment`]: the loader's fused colour augmentations (RandStainNA, HED, colour jitter,
+//!   Gaussian blur, solarisation, normalisation) from RGB8 crops to a `(N, 3, S, S)` tensor.
 //!
 //! Everything works on plain slices; parallel parts use rayon's current pool, so a caller
 //! decides the pool (the Python binding uses a fork-safe pool sized by `PATHFLOW_NUM_THREADS`).
 
+pub mod augment;
 pub mod contour;
 pub mod encode;
 pub mod error;
@@ -21,6 +26,7 @@ pub mod mask;
 pub mod polygon;
 pub mod shards;
 pub mod tiles;
+pub mod views;
 
 pub use error::{CoreError, Result};
 

@@ -8,13 +8,14 @@ use std::sync::{Arc, Mutex};
 
 use numpy::ndarray::{Array2, Array3};
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyReadonlyArray2, PyReadonlyArrayDyn,
+    IntoPyArray, PyArray1, PyArray2, PyArray4, PyArray5, PyArrayDyn, PyArrayMethods,
+    PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4, PyReadonlyArrayDyn,
     PyUntypedArrayMethods,
 };
 use pathflow_core::contour::{self, Contour, FilterParams, Regions};
 use pathflow_core::grid::{self, ContourFn};
 use pathflow_core::mask::{self, BinaryParams};
-use pathflow_core::{encode, jpeg, shards, tiles};
+use pathflow_core::{augment, encode, jpeg, shards, tiles, views};
 use pathflow_core::{CoreError, ImageView};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -508,6 +509,167 @@ fn tissue_fractions<'py>(
     Ok(f.into_pyarray(py))
 }
 
+// ---------------------------------------------------------------------------------------
+// Fused colour augmentations (the CPU side of the self-supervised data loader)
+
+/// Checks that a per-sample parameter array has shape `(n, *rest)`.
+fn check_param(name: &str, shape: &[usize], n: usize, rest: &[usize]) -> PyResult<()> {
+    if shape.first() != Some(&n) || &shape[1..] != rest {
+        let want: Vec<String> = std::iter::once(format!("N={n}"))
+            .chain(rest.iter().map(|r| r.to_string()))
+            .collect();
+        return Err(InvalidArgumentError::new_err(format!(
+            "{name} has shape {shape:?}, expected ({})",
+            want.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn rows<const K: usize>(a: &[f32]) -> Vec<[f32; K]> {
+    a.chunks_exact(K)
+        .map(|c| std::array::from_fn(|j| c[j]))
+        .collect()
+}
+
+fn mat3_of(a: &[f32]) -> [[f32; 3]; 3] {
+    std::array::from_fn(|i| std::array::from_fn(|j| a[3 * i + j]))
+}
+
+/// The float stages of one view for a batch: RandStainNA, HED, colour jitter, Gaussian blur,
+/// solarisation and the output conversion, fused per sample (see `pathflow_core::augment`).
+/// `crops` is (N, S, S, 3) uint8, e.g. `decode_views(...)[g][:, j]` (each crop must be
+/// C-contiguous; the batch axis may have any stride, so that slice is read without a copy).
+/// Returns (N, 3, S, S): float32 (`output="float"`), uint16 bfloat16 bits (`"bfloat16"`) or
+/// uint8 (`"uint8"`, not normalised).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn augment_views<'py>(
+    py: Python<'py>,
+    crops: PyReadonlyArray4<'py, u8>,
+    stain: PyReadonlyArray1<'py, bool>,
+    stain_mean: PyReadonlyArray2<'py, f32>,
+    stain_std: PyReadonlyArray2<'py, f32>,
+    hed: PyReadonlyArray1<'py, bool>,
+    hed_matrix: PyReadonlyArray3<'py, f32>,
+    hed_offset: PyReadonlyArray2<'py, f32>,
+    color: PyReadonlyArray1<'py, bool>,
+    color_matrix: PyReadonlyArray3<'py, f32>,
+    color_k: PyReadonlyArray1<'py, f32>,
+    blur_sigma: PyReadonlyArray1<'py, f32>,
+    solarize: PyReadonlyArray1<'py, bool>,
+    mean: [f32; 3],
+    std: [f32; 3],
+    output: &str,
+) -> PyResult<Bound<'py, PyAny>> {
+    let kind: augment::Output = output.parse().map_err(to_py)?;
+    let shape = crops.shape();
+    let (n, s) = (shape[0], shape[1]);
+    if shape[2] != s || shape[3] != 3 || s == 0 {
+        return Err(InvalidArgumentError::new_err(format!(
+            "crops has shape {shape:?}, expected (N, S, S, 3) with S > 0"
+        )));
+    }
+    check_param("stain", stain.shape(), n, &[])?;
+    check_param("stain_mean", stain_mean.shape(), n, &[3])?;
+    check_param("stain_std", stain_std.shape(), n, &[3])?;
+    check_param("hed", hed.shape(), n, &[])?;
+    check_param("hed_matrix", hed_matrix.shape(), n, &[3, 3])?;
+    check_param("hed_offset", hed_offset.shape(), n, &[3])?;
+    check_param("color", color.shape(), n, &[])?;
+    check_param("color_matrix", color_matrix.shape(), n, &[3, 3])?;
+    check_param("color_k", color_k.shape(), n, &[])?;
+    check_param("blur_sigma", blur_sigma.shape(), n, &[])?;
+    check_param("solarize", solarize.shape(), n, &[])?;
+    let (st, sm, ss) = (
+        flat_copy(&stain),
+        rows::<3>(&flat_copy(&stain_mean)),
+        rows::<3>(&flat_copy(&stain_std)),
+    );
+    let (hd, hm, ho) = (
+        flat_copy(&hed),
+        rows::<9>(&flat_copy(&hed_matrix)),
+        rows::<3>(&flat_copy(&hed_offset)),
+    );
+    let (cl, cm, ck) = (
+        flat_copy(&color),
+        rows::<9>(&flat_copy(&color_matrix)),
+        flat_copy(&color_k),
+    );
+    let (sigma, sol) = (flat_copy(&blur_sigma), flat_copy(&solarize));
+    let params: Vec<augment::ViewColor> = (0..n)
+        .map(|i| augment::ViewColor {
+            stain: st[i].then_some(augment::Stain {
+                mean: sm[i],
+                std: ss[i],
+            }),
+            hed: hd[i].then(|| augment::Hed {
+                matrix: mat3_of(&hm[i]),
+                offset: ho[i],
+            }),
+            color: cl[i].then(|| augment::ColorJitter {
+                matrix: mat3_of(&cm[i]),
+                k: ck[i],
+            }),
+            blur_sigma: sigma[i],
+            solarize: sol[i],
+        })
+        .collect();
+    let norm = augment::Normalize { mean, std };
+
+    // Each crop borrowed where it is contiguous (also a [:, j] slice of decode_views'
+    // output), copied otherwise.
+    let all = crops.as_array();
+    let samples: Vec<Cow<'_, [u8]>> = all
+        .outer_iter()
+        .map(|c| match c.to_slice() {
+            Some(sl) => Cow::Borrowed(sl),
+            None => Cow::Owned(c.iter().copied().collect()),
+        })
+        .collect();
+    let slices: Vec<&[u8]> = samples.iter().map(|c| c.as_ref()).collect();
+
+    let dims = [n, 3, s, s];
+    // SAFETY (all three): the arrays are uninitialised, but `augment_views` checks every
+    // argument before writing and then writes every value; on an error they are dropped
+    // unread.
+    Ok(match kind {
+        augment::Output::Float => {
+            let a = unsafe { PyArray4::<f32>::new(py, dims, false) };
+            let mut g = a.readwrite();
+            let buf = g.as_slice_mut().expect("new arrays are contiguous");
+            run(py, || {
+                augment::augment_views(&slices, s, &params, &norm, augment::OutBuf::Float(buf))
+            })
+            .map_err(to_py)?;
+            drop(g);
+            a.into_any()
+        }
+        augment::Output::BFloat16 => {
+            let a = unsafe { PyArray4::<u16>::new(py, dims, false) };
+            let mut g = a.readwrite();
+            let buf = g.as_slice_mut().expect("new arrays are contiguous");
+            run(py, || {
+                augment::augment_views(&slices, s, &params, &norm, augment::OutBuf::BFloat16(buf))
+            })
+            .map_err(to_py)?;
+            drop(g);
+            a.into_any()
+        }
+        augment::Output::Uint8 => {
+            let a = unsafe { PyArray4::<u8>::new(py, dims, false) };
+            let mut g = a.readwrite();
+            let buf = g.as_slice_mut().expect("new arrays are contiguous");
+            run(py, || {
+                augment::augment_views(&slices, s, &params, &norm, augment::OutBuf::Uint8(buf))
+            })
+            .map_err(to_py)?;
+            drop(g);
+            a.into_any()
+        }
+    })
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -535,6 +697,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyTiledLevel>()?;
     m.add_function(wrap_pyfunction!(encode_images, m)?)?;
     m.add_function(wrap_pyfunction!(encode_regions, m)?)?;
+    m.add_function(wrap_pyfunction!(image_info, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_views, m)?)?;
+    m.add_function(wrap_pyfunction!(augment_views, m)?)?;
     Ok(())
 }
 
@@ -837,4 +1002,206 @@ fn encode_regions<'py>(
                 .map_err(to_py)
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Decode once, many views (the CPU side of the self-supervised data loader)
+
+/// Per-thread decode buffers above this size are freed after use (a 2048 x 2048 RGB image
+/// fits; a whole-slide-sized one is not kept alive in every pool thread).
+const KEEP_DECODER_BYTES: usize = 16 << 20;
+
+thread_local! {
+    /// Per pool thread: decoded pixels, scratch and resizer buffers, reused across calls.
+    static VIEW_DECODER: std::cell::RefCell<views::ViewDecoder> =
+        std::cell::RefCell::new(views::ViewDecoder::new());
+}
+
+/// Structural validity of encoded JPEG/PNG images (nothing decoded): an (N, 2) int32 array
+/// of `(width, height)`, 0 where invalid, and per image `None` or the reason.
+#[pyfunction]
+fn image_info<'py>(
+    py: Python<'py>,
+    data: Vec<Bound<'py, PyBytes>>,
+) -> (Bound<'py, PyArray2<i32>>, Vec<Option<String>>) {
+    let slices: Vec<&[u8]> = data.iter().map(|b| b.as_bytes()).collect();
+    let res: Vec<pathflow_core::Result<(u32, u32)>> = run(py, || {
+        slices
+            .par_iter()
+            .with_min_len(16)
+            .map(|d| views::image_info(d))
+            .collect()
+    });
+    let mut sizes = Vec::with_capacity(2 * res.len());
+    let mut reasons = Vec::with_capacity(res.len());
+    for r in res {
+        match r {
+            Ok((w, h)) => {
+                sizes.extend([w as i32, h as i32]);
+                reasons.push(None);
+            }
+            Err(e) => {
+                sizes.extend([0, 0]);
+                reasons.push(Some(reason(e)));
+            }
+        }
+    }
+    let n = reasons.len();
+    let arr = Array2::from_shape_vec((n, 2), sizes).expect("shape");
+    (arr.into_pyarray(py), reasons)
+}
+
+/// The message of a per-sample failure (without the error kind's prefix).
+fn reason(e: CoreError) -> String {
+    match e {
+        CoreError::Corrupt(m) => m,
+        e => e.to_string(),
+    }
+}
+
+fn flat_copy<T: Copy + numpy::Element, D: numpy::ndarray::Dimension>(
+    a: &numpy::PyReadonlyArray<'_, T, D>,
+) -> Vec<T> {
+    match a.as_slice() {
+        Ok(s) => s.to_vec(),
+        Err(_) => a.as_array().iter().copied().collect(),
+    }
+}
+
+type ViewsOut<'py> = (
+    Vec<Bound<'py, PyArray5<u8>>>,
+    Bound<'py, PyArray1<bool>>,
+    Vec<Option<String>>,
+);
+
+/// Decodes each encoded image once and cuts its views: per group `g` an
+/// `(N, V_g, S_g, S_g, 3)` uint8 array (box `boxes[g][i, v] = (x0, y0, w, h)` resized to
+/// `sizes[g]` with PIL's antialiased bilinear, then D4 code `d4[g][i, v]`), the ok mask and
+/// per image `None` or the reason it failed (its views are zeros). Bad image data never
+/// raises; bad arguments (shapes, sizes, codes, boxes outside the image) do.
+#[pyfunction]
+fn decode_views<'py>(
+    py: Python<'py>,
+    data: Vec<Bound<'py, PyBytes>>,
+    boxes: Vec<PyReadonlyArray3<'py, f32>>,
+    sizes: Vec<usize>,
+    d4: Vec<PyReadonlyArray2<'py, u8>>,
+) -> PyResult<ViewsOut<'py>> {
+    let n = data.len();
+    let ng = sizes.len();
+    if boxes.len() != ng || d4.len() != ng {
+        return Err(InvalidArgumentError::new_err(format!(
+            "{} box arrays, {ng} sizes and {} D4 arrays: one of each per view group",
+            boxes.len(),
+            d4.len()
+        )));
+    }
+    let mut group_boxes: Vec<Vec<[f32; 4]>> = Vec::with_capacity(ng);
+    let mut group_codes: Vec<Vec<u8>> = Vec::with_capacity(ng);
+    let mut nviews = Vec::with_capacity(ng);
+    for g in 0..ng {
+        let (bs, ds) = (boxes[g].shape(), d4[g].shape());
+        if bs[0] != n || bs[2] != 4 {
+            return Err(InvalidArgumentError::new_err(format!(
+                "boxes[{g}] has shape {bs:?}, expected (N={n}, V, 4)"
+            )));
+        }
+        if ds != [n, bs[1]] {
+            return Err(InvalidArgumentError::new_err(format!(
+                "d4[{g}] has shape {ds:?}, expected (N={n}, V={})",
+                bs[1]
+            )));
+        }
+        if sizes[g] == 0 {
+            return Err(InvalidArgumentError::new_err(format!(
+                "sizes[{g}] must be > 0"
+            )));
+        }
+        let codes = flat_copy(&d4[g]);
+        if let Some(c) = codes.iter().find(|&&c| c > 7) {
+            return Err(InvalidArgumentError::new_err(format!(
+                "d4[{g}] has code {c}, expected 0..7"
+            )));
+        }
+        let flat = flat_copy(&boxes[g]);
+        group_boxes.push(
+            flat.chunks_exact(4)
+                .map(|c| [c[0], c[1], c[2], c[3]])
+                .collect(),
+        );
+        group_codes.push(codes);
+        nviews.push(bs[1]);
+    }
+
+    // SAFETY: the arrays are uninitialised, but every byte is written below (each view
+    // in full by the resizer or the D4 copy, or zeros for a failed image) before they are
+    // returned; on an argument error they are dropped unread.
+    let outs: Vec<Bound<'py, PyArray5<u8>>> = (0..ng)
+        .map(|g| unsafe { PyArray5::<u8>::new(py, [n, nviews[g], sizes[g], sizes[g], 3], false) })
+        .collect();
+    let mut guards: Vec<_> = outs.iter().map(|a| a.readwrite()).collect();
+    let mut per_image: Vec<Vec<&mut [u8]>> = (0..n).map(|_| Vec::with_capacity(ng)).collect();
+    for (g, guard) in guards.iter_mut().enumerate() {
+        let buf = guard.as_slice_mut().expect("new arrays are contiguous");
+        let stride = nviews[g] * sizes[g] * sizes[g] * 3;
+        if stride == 0 {
+            per_image.iter_mut().for_each(|p| p.push(&mut []));
+        } else {
+            for (p, chunk) in per_image.iter_mut().zip(buf.chunks_exact_mut(stride)) {
+                p.push(chunk);
+            }
+        }
+    }
+    let slices: Vec<&[u8]> = data.iter().map(|b| b.as_bytes()).collect();
+    let results: Vec<pathflow_core::Result<()>> = run(py, || {
+        per_image
+            .par_iter_mut()
+            .zip(slices.par_iter())
+            .enumerate()
+            .map(|(i, (out, bytes))| {
+                let groups: Vec<views::ViewGroup<'_>> = (0..ng)
+                    .map(|g| {
+                        let v = nviews[g];
+                        views::ViewGroup {
+                            boxes: &group_boxes[g][i * v..(i + 1) * v],
+                            d4: &group_codes[g][i * v..(i + 1) * v],
+                            size: sizes[g],
+                        }
+                    })
+                    .collect();
+                let r = VIEW_DECODER.with(|d| {
+                    let mut d = d.borrow_mut();
+                    let r = d.decode_into(bytes, &groups, out);
+                    d.shrink_to(KEEP_DECODER_BYTES);
+                    r
+                });
+                if r.is_err() {
+                    out.iter_mut().for_each(|o| o.fill(0));
+                }
+                r
+            })
+            .collect()
+    });
+    drop(per_image);
+    drop(guards);
+
+    let mut ok = Vec::with_capacity(n);
+    let mut reasons = Vec::with_capacity(n);
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(()) => {
+                ok.push(true);
+                reasons.push(None);
+            }
+            Err(CoreError::Corrupt(m)) => {
+                ok.push(false);
+                reasons.push(Some(m));
+            }
+            Err(CoreError::InvalidArgument(m) | CoreError::Shape(m)) => {
+                return Err(InvalidArgumentError::new_err(format!("image {i}: {m}")));
+            }
+            Err(e) => return Err(to_py(e)),
+        }
+    }
+    Ok((outs, ok.into_pyarray(py), reasons))
 }

@@ -1,0 +1,436 @@
+"""``make_loader``: SSL views over WebDataset shards, with a DALI or a torch backend.
+
+Both backends share everything but the pixel work: the shard index and epoch order
+(:mod:`shardset`), corrupt-sample screening (Rust header check), and every random parameter
+(:mod:`views`, drawn per batch from ``(seed, epoch, rank, batch)``). So they produce the same
+crops, flips and colour changes for the same seed, a run resumes at any batch, and the batch
+sequence does not depend on the number of workers.
+
+- ``backend="dali"``: NVIDIA DALI decodes (nvJPEG on the GPU, libjpeg-turbo on the CPU) and
+  augments on the same device; outputs are handed to torch on that device.
+- ``backend="torch"``: Rust decodes, crops and resizes in DataLoader workers; the float stages
+  run in one fused Rust kernel per view in the workers on CPU (``_core.augment_views``), or
+  in torch on the GPU in the main process when ``device="cuda"`` (:mod:`augment_torch`).
+
+Example:
+    >>> from pathflow.data import make_loader
+    >>> loader = make_loader("out/shards", views="simclr", batch_size=32)  # doctest: +SKIP
+    >>> for batch in loader:  # doctest: +SKIP
+    ...     v1, v2 = batch.views          # [32, 3, 224, 224] float32, normalised
+    ...     slides = batch.meta["slide"]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pathflow.data.batch import Batch, RawBatch
+from pathflow.data.shardset import ShardSet, epoch_order
+from pathflow.data.views import StainStats, ViewsSpec, create_views, sample_batch_params
+
+log = logging.getLogger("pathflow.data")
+
+OUTPUTS = ("float", "bfloat16", "uint8")
+
+
+@dataclass
+class LoaderConfig:
+    """Everything that defines the sample stream (saved with checkpoints and runs)."""
+
+    batch_size: int = 64
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = True
+    shuffle_buffer: int = 8192
+    drop_last: bool = True
+    output: str = "float"
+    device: str = "cpu"
+    backend: str = "torch"
+    num_workers: int = 2
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def build_raw_batch(
+    shardset: ShardSet,
+    indices: npt.NDArray[np.int64],
+    spec: ViewsSpec,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    index: int,
+    stain_stats: StainStats | None,
+) -> RawBatch | None:
+    """Read one batch, replace corrupt images, and draw its view parameters.
+
+    A corrupt image (bad header, truncated, not JPEG/PNG) is logged, counted in ``skipped``
+    and replaced by the next valid sample of the same batch, so batch shapes never change.
+    Returns None only if no image of the batch is valid.
+    """
+    from pathflow import _core
+
+    images, metas = shardset.read(indices)
+    sizes, errors = _core.image_info(images)
+    bad = [i for i, e in enumerate(errors) if e is not None]
+    skipped: list[str] = []
+    if bad:
+        good = [i for i, e in enumerate(errors) if e is None]
+        for i in bad:
+            log.warning("skipping corrupt image %s: %s", metas[i]["key"], errors[i])
+            skipped.append(str(metas[i]["key"]))
+        if not good:
+            return None
+        for i in bad:
+            j = next((g for g in good if g > i), good[0])
+            images[i], metas[i] = images[j], metas[j]
+            sizes[i] = sizes[j]
+    rng = np.random.default_rng([seed, epoch, rank, index, 0xA06])
+    params = sample_batch_params(spec, sizes[:, 0], sizes[:, 1], rng, stain_stats)
+    meta = {
+        "key": [m["key"] for m in metas],
+        "slide": [m["slide"] for m in metas],
+        "x": np.asarray([m["x"] for m in metas], dtype=np.int64),
+        "y": np.asarray([m["y"] for m in metas], dtype=np.int64),
+        "label": np.asarray([m["label"] for m in metas], dtype=np.int64),
+    }
+    data = [np.frombuffer(b, dtype=np.uint8) for b in images]
+    return RawBatch(data=data, params=params, meta=meta, index=index, epoch=epoch, skipped=skipped)
+
+
+def _meta_to_torch(meta: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    out = dict(meta)
+    for k in ("x", "y", "label"):
+        out[k] = torch.from_numpy(np.asarray(meta[k], dtype=np.int64))
+    return out
+
+
+class Plan:
+    """The batches of one epoch on one rank."""
+
+    def __init__(self, shardset: ShardSet, cfg: LoaderConfig, epoch: int) -> None:
+        self.order = epoch_order(
+            shardset.counts,
+            epoch=epoch,
+            seed=cfg.seed,
+            rank=cfg.rank,
+            world=cfg.world_size,
+            shuffle=cfg.shuffle,
+            buffer=cfg.shuffle_buffer,
+            equal=cfg.drop_last,
+        )
+        bs = cfg.batch_size
+        n = len(self.order)
+        self.num_batches = n // bs if cfg.drop_last else math.ceil(n / bs)
+        self.batch_size = bs
+
+    def indices(self, b: int) -> npt.NDArray[np.int64]:
+        return self.order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def num_batches(n_samples: int, cfg: LoaderConfig) -> int:
+    if cfg.drop_last:
+        return (n_samples // cfg.world_size) // cfg.batch_size
+    per_rank = len(np.array_split(np.arange(n_samples), cfg.world_size)[cfg.rank])
+    return math.ceil(per_rank / cfg.batch_size)
+
+
+class Loader:
+    """Iterable over :class:`~pathflow.data.batch.Batch` es; see :func:`make_loader`."""
+
+    def __init__(
+        self,
+        shardset: ShardSet,
+        spec: ViewsSpec,
+        cfg: LoaderConfig,
+        stain_stats: StainStats | None = None,
+    ) -> None:
+        self.shardset = shardset
+        self.spec = spec
+        self.cfg = cfg
+        self.stain_stats = stain_stats
+        self.epoch = 0
+        self._next = 0  # next batch index of self.epoch
+        self.stats = {"samples": 0, "batches": 0, "skipped": 0}
+        self.skipped_keys: list[str] = []
+        self._dali: Any = None
+
+    def __len__(self) -> int:
+        return num_batches(len(self.shardset), self.cfg)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_dali"] = None  # a DALI pipeline never travels to DataLoader workers
+        return state
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"Loader({len(self.shardset)} samples, {len(self)} batches of {c.batch_size}, "
+            f"views={self.spec.name} x{self.spec.num_views}, backend={c.backend}, "
+            f"device={c.device}, rank {c.rank}/{c.world_size})"
+        )
+
+    # ------------------------------------------------------------------ state
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate; the position is kept if it is the current epoch."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._next = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "epoch": self.epoch,
+            "batch": self._next,
+            "seed": c.seed,
+            "batch_size": c.batch_size,
+            "world_size": c.world_size,
+            "rank": c.rank,
+            "stats": dict(self.stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        c = self.cfg
+        for k in ("seed", "batch_size", "world_size"):
+            if state.get(k) != getattr(c, k if k != "world_size" else "world_size"):
+                raise ValueError(
+                    f"cannot resume loader: {k} was {state.get(k)}, now {getattr(c, k)}"
+                )
+        self.epoch = int(state["epoch"])
+        self._next = int(state["batch"])
+        self.stats.update(state.get("stats", {}))
+
+    # -------------------------------------------------------------- iteration
+    def _raw_batches(self, plan: Plan, start: int, step: int = 1) -> Iterator[RawBatch]:
+        for b in range(start, plan.num_batches, step):
+            raw = build_raw_batch(
+                self.shardset,
+                plan.indices(b),
+                self.spec,
+                seed=self.cfg.seed,
+                epoch=self.epoch,
+                rank=self.cfg.rank,
+                index=b,
+                stain_stats=self.stain_stats,
+            )
+            if raw is None:
+                log.warning("batch %d of epoch %d has no valid image; skipped", b, self.epoch)
+                continue
+            yield raw
+
+    def __iter__(self) -> Iterator[Batch]:
+        plan = Plan(self.shardset, self.cfg, self.epoch)
+        if self._next >= plan.num_batches:  # resumed from a state saved after the last batch
+            self.epoch += 1
+            self._next = 0
+            plan = Plan(self.shardset, self.cfg, self.epoch)
+        start = self._next
+        it = (
+            self._iter_dali(plan, start)
+            if self.cfg.backend == "dali"
+            else self._iter_torch(plan, start)
+        )
+        for batch in it:
+            self._next = batch.index + 1
+            self.stats["batches"] += 1
+            self.stats["samples"] += len(batch)
+            if batch.skipped:
+                self.stats["skipped"] += len(batch.skipped)
+                self.skipped_keys.extend(batch.skipped)
+            yield batch
+        self.epoch += 1
+        self._next = 0
+
+    def _iter_torch(self, plan: Plan, start: int) -> Iterator[Batch]:
+        import torch
+
+        from pathflow.data.torch_backend import ViewsDataset, finish_on_device
+
+        on_gpu = self.cfg.device.startswith("cuda")
+        ds = ViewsDataset(self, plan, start, augment=not on_gpu)
+        workers = self.cfg.num_workers
+        if workers > 0:
+            dl = torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=on_gpu,
+                worker_init_fn=_worker_init,
+                prefetch_factor=2,
+                multiprocessing_context=_worker_context(),
+            )
+            source: Any = dl
+        else:
+            source = ds
+        for item in source:
+            if on_gpu:
+                item = finish_on_device(item, self.spec, self.cfg.output, self.cfg.device)
+            yield item
+
+    def _iter_dali(self, plan: Plan, start: int) -> Iterator[Batch]:
+        import torch
+
+        if self._dali is None:
+            from pathflow.data.dali_backend import DaliViews
+
+            dev = "gpu" if self.cfg.device.startswith("cuda") else "cpu"
+            device_id = None
+            if dev == "gpu":
+                device_id = torch.device(self.cfg.device).index
+                if device_id is None:
+                    device_id = torch.cuda.current_device()
+            self._dali = DaliViews(
+                self.spec,
+                batch_size=self.cfg.batch_size,
+                device=dev,
+                output=self.cfg.output,
+                num_threads=max(1, self.cfg.num_workers),
+                device_id=device_id,
+            )
+        for views, raw in self._dali.iterate(self._raw_batches(plan, start)):
+            yield Batch(
+                views=views,
+                meta=_meta_to_torch(raw.meta),
+                index=raw.index,
+                epoch=raw.epoch,
+                skipped=raw.skipped,
+            )
+
+
+def _worker_context() -> str | None:
+    """``fork`` (fast) unless a DALI pipeline ran in this process: DALI's threads and CUDA
+    state do not survive a fork (workers can crash), so then a fresh forkserver is used."""
+    if os.name != "posix":
+        return None
+    return "forkserver" if "pathflow.data.dali_backend" in sys.modules else "fork"
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    from pathflow import _core
+
+    torch.set_num_threads(1)
+    _core.set_num_threads(1)
+
+
+def make_loader(
+    shards: str | Path | Sequence[str | Path] | ShardSet,
+    views: str | ViewsSpec = "dino",
+    batch_size: int = 64,
+    *,
+    device: str = "auto",
+    backend: str = "auto",
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    num_workers: int | None = None,
+    output: str = "float",
+    drop_last: bool = True,
+    shuffle: bool = True,
+    shuffle_buffer: int = 8192,
+    stain_stats: StainStats | dict[str, Any] | None = None,
+) -> Loader:
+    """A loader of SSL views over WebDataset shards.
+
+    Args:
+        shards: a shard directory (``shards.json`` from ``pathflow tile --shards``, or any
+            directory of WebDataset ``.tar``), a ``.tar``, or a list of tars.
+        views: a preset from :func:`pathflow.data.list_views` or a :class:`ViewsSpec`.
+        batch_size: samples per batch and rank.
+        device: ``"cpu"``, ``"cuda"``/``"cuda:N"``, or ``"auto"`` (CUDA when available).
+        backend: ``"dali"``, ``"torch"`` or ``"auto"`` (DALI on CUDA when installed, else
+            torch: Rust decode + fused Rust augmentation kernel on the CPU).
+        seed: seeds the epoch order and every augmentation.
+        rank, world_size: DDP split (default: from ``torch.distributed`` or RANK/WORLD_SIZE).
+        num_workers: DataLoader workers (torch backend) or DALI threads (default: CPU count).
+        output: ``"float"`` (normalised float32), ``"bfloat16"`` or ``"uint8"`` (0..255).
+        drop_last: equal batch counts on every rank and no partial batches; with False every
+            sample is visited exactly once per epoch.
+        stain_stats: RandStainNA statistics; fitted on the shards when a view needs them.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
+    spec = create_views(views)
+    if device == "auto":
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            device = "cpu"
+    if backend == "auto":
+        # DALI wins on the GPU; on the CPU the Rust kernels of the torch backend are faster
+        # (benches/test_bench_loader.py).
+        backend = "dali" if device.startswith("cuda") and dali_available() else "torch"
+    if backend not in ("dali", "torch"):
+        raise ValueError(f"backend must be 'dali', 'torch' or 'auto', got {backend!r}")
+    if backend == "dali" and not dali_available():
+        raise ImportError("backend='dali' needs NVIDIA DALI: pip install 'pathflow[gpu]'")
+    r, w = _dist_rank_world()
+    rank = r if rank is None else rank
+    world_size = w if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    if isinstance(stain_stats, dict):
+        stain_stats = StainStats.from_dict(stain_stats)
+    if spec.needs_stain_stats and stain_stats is None:
+        from pathflow.data.stain import fit_stain_stats
+
+        stain_stats = fit_stain_stats(ss, seed=seed)
+        log.info("fitted RandStainNA statistics on %s: %s", "the shards", stain_stats.to_dict())
+    cfg = LoaderConfig(
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        drop_last=drop_last,
+        output=output,
+        device=device,
+        backend=backend,
+        num_workers=num_workers,
+    )
+    loader = Loader(ss, spec, cfg, stain_stats)
+    if len(loader) == 0:
+        raise ValueError(
+            f"{len(ss)} samples give no batch of {batch_size} on each of {world_size} rank(s); "
+            "use a smaller batch_size or drop_last=False"
+        )
+    return loader

@@ -1,0 +1,271 @@
+"""Random access to WebDataset shards and the per-epoch sample order of each rank.
+
+A :class:`ShardSet` indexes plain WebDataset tar shards: those written by ``pathflow tile
+--shards`` (a directory with ``shards.json`` and a DALI ``.idx`` beside every tar) or any other
+WebDataset (tars with ``<key>.jpg``/``.png`` plus optional ``.json``/``.cls``; the index is then
+built by scanning the tar headers once). Samples are read with ``os.pread`` straight from the
+tar, so nothing is extracted and workers can jump to any sample.
+
+The order of an epoch (:func:`epoch_order`) is a pure function of (seed, epoch, rank, world):
+shards are permuted, their samples concatenated, cut into ``world`` contiguous equal parts (one
+per rank: every sample exactly once per epoch), and each rank's part is streamed through a
+seeded shuffle buffer. Batches are then dealt to DataLoader workers round-robin, so the batch
+sequence does not depend on the number of workers and a run can resume at any batch.
+
+Example:
+    >>> ss = ShardSet("out/shards")  # doctest: +SKIP
+    >>> order = epoch_order(ss.counts, epoch=0, seed=0, rank=0, world=2)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass
+class ShardIndex:
+    """Byte ranges of every sample of one tar shard."""
+
+    path: Path
+    keys: list[str]
+    img_off: I64
+    img_size: I64
+    meta_off: I64  # -1 where the sample has no .json
+    meta_size: I64
+    cls_off: I64  # -1 where the sample has no .cls
+    cls_size: I64
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the basename."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def _from_records(path: Path, records: list[tuple[str, str, int, int]]) -> ShardIndex:
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    for key, ext, off, size in records:
+        samples.setdefault(key, {})[ext] = (off, size)
+    keys, io, isz, mo, ms, co, cs = [], [], [], [], [], [], []
+    for key, parts in samples.items():
+        img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+        if img is None:
+            continue
+        keys.append(key)
+        io.append(img[0])
+        isz.append(img[1])
+        m = parts.get("json", (-1, 0))
+        mo.append(m[0])
+        ms.append(m[1])
+        c = parts.get("cls", (-1, 0))
+        co.append(c[0])
+        cs.append(c[1])
+
+    def arr(x: list[int]) -> I64:
+        return np.asarray(x, dtype=np.int64)
+
+    return ShardIndex(path, keys, arr(io), arr(isz), arr(mo), arr(ms), arr(co), arr(cs))
+
+
+def read_dali_index(tar: Path, idx: Path) -> ShardIndex:
+    """Parse a DALI webdataset index (``v1.2 N`` then ``ext off size name ...`` per sample)."""
+    lines = idx.read_text().splitlines()
+    if not lines or not lines[0].startswith("v1.2"):
+        raise ValueError(f"{idx}: not a DALI v1.2 webdataset index")
+    records: list[tuple[str, str, int, int]] = []
+    for line in lines[1:]:
+        f = line.split()
+        for j in range(0, len(f) - 3, 4):
+            key, ext = _split_key(f[j + 3])
+            records.append((key, ext, int(f[j + 1]), int(f[j + 2])))
+    return _from_records(tar, records)
+
+
+def scan_tar(tar: Path) -> ShardIndex:
+    """Index a tar by reading its member headers (for WebDatasets without ``.idx``)."""
+    records = []
+    with tarfile.open(tar, "r:") as tf:
+        for m in tf:
+            if m.isfile():
+                key, ext = _split_key(m.name)
+                records.append((key, ext, m.offset_data, m.size))
+    return _from_records(tar, records)
+
+
+def _shard_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    if isinstance(source, (str, Path)):
+        p = Path(source)
+        if p.is_dir():
+            manifest = p / "shards.json"
+            if manifest.is_file():
+                info = json.loads(manifest.read_text())
+                return [p / s["name"] for s in info["shards"]]
+            tars = sorted(p.glob("*.tar"))
+            if not tars:
+                raise FileNotFoundError(f"{p}: no shards.json and no .tar shards")
+            return tars
+        if p.name == "shards.json":
+            return _shard_paths(p.parent)
+        if p.suffix == ".tar":
+            return [p]
+        raise FileNotFoundError(f"{p}: not a shard directory, shards.json or .tar")
+    return [Path(s) for s in source]
+
+
+class ShardSet:
+    """All samples of a list of shards, addressable by a global index."""
+
+    def __init__(self, source: str | Path | Sequence[str | Path]) -> None:
+        paths = _shard_paths(source)
+        self.shards: list[ShardIndex] = []
+        for tar in paths:
+            if not tar.is_file():
+                raise FileNotFoundError(f"{tar}: shard not found")
+            idx = tar.with_suffix(".idx")
+            self.shards.append(read_dali_index(tar, idx) if idx.is_file() else scan_tar(tar))
+        self.counts = np.asarray([len(s) for s in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        if self.counts.sum() == 0:
+            raise ValueError(f"{source}: the shards hold no image samples")
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fds"] = {}
+        return state
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked: never share file offsets with the parent
+            self._fds = {}
+            self._pid = os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self.shards[shard].path, os.O_RDONLY)
+            self._fds[shard] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def locate(self, idx: npt.NDArray[np.int64]) -> tuple[I64, I64]:
+        shard = np.searchsorted(self.starts, idx, side="right") - 1
+        return shard.astype(np.int64), (idx - self.starts[shard]).astype(np.int64)
+
+    def _pread(self, shard: int, off: int, size: int) -> bytes:
+        data = os.pread(self._fd(shard), size, off)
+        if len(data) != size:
+            raise OSError(
+                f"{self.shards[shard].path}: short read at byte {off} "
+                f"({len(data)} of {size} bytes); the shard is truncated"
+            )
+        return data
+
+    def read(self, idx: npt.NDArray[np.int64]) -> tuple[list[bytes], list[dict[str, Any]]]:
+        """Encoded image bytes and metadata (key, slide, x, y, label) of global samples."""
+        shards, local = self.locate(np.asarray(idx, dtype=np.int64))
+        images: list[bytes] = []
+        metas: list[dict[str, Any]] = []
+        for s, i in zip(shards.tolist(), local.tolist(), strict=False):
+            sh = self.shards[s]
+            images.append(self._pread(s, int(sh.img_off[i]), int(sh.img_size[i])))
+            meta: dict[str, Any] = {}
+            if sh.meta_off[i] >= 0:
+                try:
+                    meta = json.loads(self._pread(s, int(sh.meta_off[i]), int(sh.meta_size[i])))
+                except ValueError:
+                    meta = {}
+            label = meta.get("label", -1)
+            if sh.cls_off[i] >= 0:
+                raw = self._pread(s, int(sh.cls_off[i]), int(sh.cls_size[i]))
+                try:
+                    label = int(raw.decode().strip())
+                except ValueError:
+                    label = -1
+            key = sh.keys[i]
+            metas.append(
+                {
+                    "key": key,
+                    "slide": str(meta.get("slide", Path(key).name)),
+                    "x": int(meta.get("x", -1)),
+                    "y": int(meta.get("y", -1)),
+                    "label": int(label)
+                    if isinstance(label, (int, float, str)) and str(label).lstrip("-").isdigit()
+                    else -1,
+                }
+            )
+        return images, metas
+
+
+def shuffle_buffer(seq: I64, size: int, rng: np.random.Generator) -> I64:
+    """Stream ``seq`` through a shuffle buffer of ``size`` (WebDataset-style, seeded)."""
+    n = len(seq)
+    if size <= 1 or n <= 1:
+        return seq.copy()
+    size = min(size, n)
+    buf = seq[:size].tolist()
+    picks = rng.integers(0, size, n).tolist()
+    out = np.empty(n, dtype=np.int64)
+    k = 0
+    for item, j in zip(seq[size:].tolist(), picks, strict=False):
+        out[k] = buf[j]
+        buf[j] = item
+        k += 1
+    tail = np.asarray(buf, dtype=np.int64)
+    out[k:] = tail[rng.permutation(len(tail))]
+    return out
+
+
+def epoch_order(
+    counts: npt.NDArray[np.int64],
+    *,
+    epoch: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+    shuffle: bool = True,
+    buffer: int = 8192,
+    equal: bool = False,
+) -> I64:
+    """Global sample indices this rank visits in ``epoch``.
+
+    Every sample belongs to exactly one rank. With ``equal`` every rank gets ``N // world``
+    samples (the few left over this epoch are skipped; they differ from epoch to epoch), which
+    keeps DDP ranks in lock-step.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rng = np.random.default_rng([seed, epoch, 0x5EED])
+    shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
+    seq = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shard_order])
+    if equal:
+        per = len(seq) // world
+        part = seq[rank * per : (rank + 1) * per]
+    else:
+        part = np.array_split(seq, world)[rank]
+    if shuffle:
+        part = shuffle_buffer(part, buffer, np.random.default_rng([seed, epoch, rank, 0xB0F]))
+    return part.astype(np.int64)

@@ -1,0 +1,143 @@
+"""The torch backend: Rust decode + crop + D4 in DataLoader workers, colour stages in torch.
+
+Each worker builds whole batches (batch ``start + worker + k * num_workers``), so the
+DataLoader's round-robin returns them in epoch order whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pathflow.data.augment_torch import apply_color_stages, finish
+from pathflow.data.batch import Batch, RawBatch
+from pathflow.data.views import ViewsSpec
+
+if TYPE_CHECKING:
+    from pathflow.data.loader import Loader, Plan
+
+log = logging.getLogger("pathflow.data")
+
+
+def view_groups(raw: RawBatch) -> list[tuple[int, int]]:
+    """Runs of consecutive views with the same output size: (first view, count)."""
+    groups: list[tuple[int, int]] = []
+    for v, p in enumerate(raw.params):
+        if groups and raw.params[groups[-1][0]].size == p.size:
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+        else:
+            groups.append((v, 1))
+    return groups
+
+
+def decode_crops(raw: RawBatch) -> list[np.ndarray]:
+    """uint8 crops ``(N, S, S, 3)`` per view (after D4), each image decoded once.
+
+    Images that pass the header check but fail to decode are replaced by the next decodable
+    image of the batch and recorded in ``raw.skipped``.
+    """
+    from pathflow import _core
+
+    groups = view_groups(raw)
+    boxes = [np.stack([raw.params[v + j].box for j in range(c)], axis=1) for v, c in groups]
+    d4 = [np.stack([raw.params[v + j].d4 for j in range(c)], axis=1) for v, c in groups]
+    sizes = [raw.params[v].size for v, _ in groups]
+    data = [a.tobytes() for a in raw.data]
+    outs, ok, reasons = _core.decode_views(data, boxes, sizes, d4)
+    if not ok.all():
+        good = np.flatnonzero(ok)
+        if good.size == 0:
+            raise ValueError(f"no image of batch {raw.index} could be decoded: {reasons[0]}")
+        for i in np.flatnonzero(~ok).tolist():
+            j = int(next((g for g in good if g > i), good[0]))
+            log.warning("skipping undecodable image %s: %s", raw.meta["key"][i], reasons[i])
+            raw.skipped.append(str(raw.meta["key"][i]))
+            for o in outs:
+                o[i] = o[j]
+    return [np.ascontiguousarray(o[:, j]) for o in outs for j in range(o.shape[1])]
+
+
+def augment_cpu(
+    crops: list[np.ndarray], raw: RawBatch, spec: ViewsSpec, output: str
+) -> list[torch.Tensor]:
+    """All float stages in one fused Rust pass per view (same math as :mod:`augment_torch`)."""
+    from pathflow import _core
+
+    out = []
+    for crop, p in zip(crops, raw.params, strict=True):
+        a = _core.augment_views(
+            crop, p.stain, p.stain_mean, p.stain_std, p.hed, p.hed_matrix, p.hed_offset,
+            p.color, p.color_matrix, p.color_k, p.blur_sigma, p.solarize,
+            spec.mean, spec.std, output,
+        )  # fmt: skip
+        t = torch.from_numpy(a)
+        out.append(t.view(torch.bfloat16) if output == "bfloat16" else t)
+    return out
+
+
+def augment_torch(
+    crops: list[Any], raw: RawBatch, spec: ViewsSpec, output: str, device: str
+) -> list[torch.Tensor]:
+    """Float stages in torch on ``device`` (the GPU path without DALI, and the reference)."""
+    mean = torch.tensor(spec.mean, device=device)
+    std = torch.tensor(spec.std, device=device)
+    out = []
+    for crop, p in zip(crops, raw.params, strict=True):
+        t = torch.as_tensor(crop).to(device, non_blocking=True).permute(0, 3, 1, 2)
+        x = t.float().div_(255).contiguous()
+        x = apply_color_stages(x, p)
+        out.append(finish(x, mean, std, output))
+    return out
+
+
+def _meta_tensors(meta: dict[str, Any]) -> dict[str, Any]:
+    out = dict(meta)
+    for k in ("x", "y", "label"):
+        out[k] = torch.from_numpy(np.asarray(meta[k], dtype=np.int64))
+    return out
+
+
+class ViewsDataset(IterableDataset[Any]):
+    """Yields finished :class:`Batch` es (``augment=True``) or ``(crops, raw)`` pairs."""
+
+    def __init__(self, loader: Loader, plan: Plan, start: int, augment: bool = True) -> None:
+        self.loader = loader
+        self.plan = plan
+        self.start = start
+        self.augment = augment
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        ld = self.loader
+        for raw in ld._raw_batches(self.plan, self.start + w, n):
+            crops = decode_crops(raw)
+            if self.augment:
+                views = augment_cpu(crops, raw, ld.spec, ld.cfg.output)
+                yield Batch(
+                    views=views,
+                    meta=_meta_tensors(raw.meta),
+                    index=raw.index,
+                    epoch=raw.epoch,
+                    skipped=raw.skipped,
+                )
+            else:
+                yield [torch.from_numpy(c) for c in crops], raw  # shared memory
+
+
+def finish_on_device(item: Any, spec: ViewsSpec, output: str, device: str) -> Batch:
+    """Main-process half of the GPU path: move uint8 crops and run the float stages there."""
+    crops, raw = item
+    views = augment_torch(crops, raw, spec, output, device)
+    return Batch(
+        views=views,
+        meta=_meta_tensors(raw.meta),
+        index=raw.index,
+        epoch=raw.epoch,
+        skipped=raw.skipped,
+    )

@@ -1,0 +1,237 @@
+"""Batch driver of ``pathflow extract``: every slide's patches -> ``features/<slide>.h5``.
+
+Slides are processed in name order as one stream of batches (a batch may span slides);
+a slide's file is written (atomically) as soon as its last patch is embedded, so a killed
+run loses at most the slides in flight. On re-run, slides whose file exists and is complete
+(same model, all patches accounted for) are skipped; ``overwrite`` redoes them. Undecodable
+patches are left out of the file (counted in ``num_skipped`` and a warning).
+
+Example:
+    >>> from pathflow.extract.config import ExtractConfig
+    >>> from pathflow.extract.runner import run_extract
+    >>> cfg = ExtractConfig.build({}, {"inputs": ["pathflow_out"], "arch": "test_vit"})
+    >>> report = run_extract(cfg)  # doctest: +SKIP
+    >>> print(report.summary())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathflow.exceptions import ConfigError
+from pathflow.extract.config import ExtractConfig
+from pathflow.extract.engine import Decoder, Embedder
+from pathflow.extract.model import load_backbone
+from pathflow.extract.sources import PatchGroup, PatchRef, discover
+from pathflow.extract.writer import is_complete, write_features
+from pathflow.outputs import atomic_path
+
+log = logging.getLogger("pathflow.extract")
+
+MANIFEST_FIELDS = ["slide", "status", "patches", "skipped", "seconds", "file", "error"]
+
+
+@dataclass
+class ExtractReport:
+    """Outcome: one row per slide (status ``ok``, ``resumed`` or ``failed``)."""
+
+    out: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+    embed_seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r["status"] != "failed" for r in self.rows)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        by: dict[str, int] = {}
+        for r in self.rows:
+            by[r["status"]] = by.get(r["status"], 0) + 1
+        skipped = sum(int(r.get("skipped") or 0) for r in self.rows)
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
+        text = (
+            f"extracted {len(self.rows)} slide(s) in {self.seconds:.1f} s: {parts}; "
+            f"{self.images} images embedded ({self.images_per_second:.1f} images/s) -> {self.out}"
+        )
+        if skipped:
+            text += f"; {skipped} undecodable patch(es) skipped"
+        return text
+
+
+def run_extract(
+    cfg: ExtractConfig, progress: bool | None = None, decoder: Decoder | None = None
+) -> ExtractReport:
+    """Extract features for every slide of ``cfg.inputs`` (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    groups = _collect(cfg.inputs)
+    out = Path(cfg.out)
+    fdir = out / cfg.features_dir
+    report = ExtractReport(out=fdir)
+    _check_previous(out / "extract.yaml", cfg)
+    backbone = load_backbone(
+        str(cfg.arch), cfg.weights, cfg.pretrained, cfg.image_size, cfg.norm, cfg.device
+    )
+    model_attrs = backbone.attrs()
+    todo: list[PatchGroup] = []
+    for g in groups:
+        dest = fdir / f"{g.name}.{cfg.format}"
+        done, why = is_complete(dest, len(g), model_attrs) if not cfg.overwrite else (False, "")
+        if done:
+            report.rows.append(_row(g.name, "resumed", dest, patches=len(g)))
+            continue
+        if dest.exists() and not cfg.overwrite:
+            log.warning("%s: redoing (%s)", dest, why)
+        todo.append(g)
+    fdir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "extract.yaml")
+    total = sum(len(g) for g in todo)
+    log.info("%d slide(s) to extract (%d patches), %d resumed", len(todo), total,
+             len(groups) - len(todo))  # fmt: skip
+    embedder = Embedder(backbone, cfg.batch_size, cfg.workers, decoder=decoder)
+    bar = tqdm(total=total, unit="img", desc="extract", disable=progress is False or not total,
+               dynamic_ncols=True)  # fmt: skip
+    t_embed = time.perf_counter()
+    try:
+        for g, feats, ok, reasons, secs in _per_group(embedder, todo, bar):
+            dest = fdir / f"{g.name}.{cfg.format}"
+            report.images += len(g)
+            bad = int((~ok).sum())
+            if bad:
+                first = next(r for r in reasons if r)
+                log.warning("%s: %d of %d patches undecodable, skipped (e.g. %s)",
+                            g.name, bad, len(g), first)  # fmt: skip
+            if not ok.any():
+                report.rows.append(_row(g.name, "failed", dest, 0, bad, secs,
+                                        f"no decodable patch ({first})"))  # fmt: skip
+                continue
+            attrs = {
+                **g.attrs,
+                **model_attrs,
+                "slide": g.name,
+                "num_patches": int(ok.sum()),
+                "num_skipped": bad,
+                "format": "pathflow-features-v1",
+            }
+            names = [n for n, k in zip(g.names, ok, strict=True) if k] if g.names else None
+            write_features(dest, feats[ok], g.coords[ok], attrs, names)
+            report.rows.append(_row(g.name, "ok", dest, int(ok.sum()), bad, secs))
+    finally:
+        bar.close()
+        report.embed_seconds = time.perf_counter() - t_embed
+        report.rows.sort(key=lambda r: r["slide"])
+        _write_manifest(out / "extract_manifest.csv", report.rows)
+        report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _collect(inputs: list[str]) -> list[PatchGroup]:
+    groups: dict[str, PatchGroup] = {}
+    for inp in inputs:
+        kind, found = discover(inp)
+        log.info("%s: %s, %d group(s)", inp, kind, len(found))
+        for g in found:
+            if g.name in groups:
+                raise ConfigError(f"{inp}: slide {g.name!r} appears in more than one input")
+            groups[g.name] = g
+    return [groups[k] for k in sorted(groups)]
+
+
+def _check_previous(path: Path, cfg: ExtractConfig) -> None:
+    """Refuse to mix features of two models in one folder (unless ``overwrite``)."""
+    if cfg.overwrite or not path.is_file():
+        return
+    try:
+        prev = ExtractConfig.build(ExtractConfig.from_yaml(path), {})
+    except ConfigError:
+        return
+    if prev.features_dir == cfg.features_dir and prev.model_key() != cfg.model_key():
+        diff = {k: v for k, v in prev.model_key().items() if cfg.model_key()[k] != v}
+        raise ConfigError(
+            f"{path}: {cfg.features_dir}/ holds features of another setup ({diff}); "
+            "use another --out / --features-dir, or --overwrite"
+        )
+
+
+def _per_group(
+    embedder: Embedder, groups: list[PatchGroup], bar: Any
+) -> Iterator[tuple[PatchGroup, np.ndarray, np.ndarray, list[str | None], float]]:
+    """Route the batch stream back to groups; yield each group once all its rows are in."""
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return
+
+    def refs() -> Iterator[PatchRef]:
+        for g in groups:
+            yield from g.refs
+
+    gi, filled, start = 0, 0, time.perf_counter()
+    d = embedder.backbone.embed_dim
+    feats = np.empty((len(groups[0]), d), np.float32)
+    ok = np.zeros(len(groups[0]), bool)
+    reasons: list[str | None] = [None] * len(groups[0])
+    for batch in embedder.embed(refs()):
+        pos = 0
+        n = len(batch.refs)
+        while pos < n:
+            g = groups[gi]
+            take = min(n - pos, len(g) - filled)
+            feats[filled : filled + take] = batch.features[pos : pos + take]
+            ok[filled : filled + take] = batch.ok[pos : pos + take]
+            reasons[filled : filled + take] = batch.reasons[pos : pos + take]
+            filled += take
+            pos += take
+            if filled == len(g):
+                yield g, feats, ok, reasons, time.perf_counter() - start
+                gi, filled, start = gi + 1, 0, time.perf_counter()
+                if gi < len(groups):
+                    m = len(groups[gi])
+                    feats = np.empty((m, d), np.float32)
+                    ok = np.zeros(m, bool)
+                    reasons = [None] * m
+        bar.update(n)
+
+
+def _row(
+    slide: str,
+    status: str,
+    dest: Path,
+    patches: int = 0,
+    skipped: int = 0,
+    seconds: float = 0.0,
+    error: str = "",
+) -> dict[str, Any]:
+    return {
+        "slide": slide,
+        "status": status,
+        "patches": patches,
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+        "file": str(dest),
+        "error": error,
+    }
+
+
+def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())

@@ -1,0 +1,92 @@
+"""Backbones: any timm model by name, plus CLAM's truncated ResNet-50.
+
+``create_backbone(name)`` returns ``(module, embed_dim)`` where ``module(images)`` gives pooled
+features ``[B, embed_dim]`` (timm with ``num_classes=0``). Vision transformers are built with
+``dynamic_img_size=True`` so one backbone takes DINO's 224 px global and 96 px local crops;
+this changes no weight, so the state dict stays the stock timm one. CNNs are converted to
+channels-last memory format.
+
+``"resnet50_trunc"`` is the feature extractor of CLAM (``resnet50_baseline`` /
+``TimmCNNEncoder``): timm ``resnet50`` up to ``layer3`` followed by global average pooling,
+1024-d. It is a timm ``ResNet`` whose ``layer4`` is an ``nn.Identity``, so its state dict is the
+resnet50 one without the ``layer4.*`` keys.
+
+Example:
+    >>> from pathflow.train.backbones import create_backbone
+    >>> net, dim = create_backbone("resnet50_trunc")
+    >>> dim
+    1024
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+#: Names handled here rather than by ``timm.create_model``.
+CUSTOM_BACKBONES = ("resnet50_trunc",)
+
+
+def is_cnn(module: nn.Module) -> bool:
+    """True for convolutional trunks (more than one ``Conv2d``; a ViT has one, its patch
+    embedding), which benefit from channels-last memory format."""
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
+
+
+def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    try:
+        # ViT-family models accept any input size with dynamic_img_size (DINO multi-crop).
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **kwargs
+        )
+    except TypeError as exc:
+        if "dynamic_img_size" not in str(exc):
+            raise
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+
+
+def create_backbone(
+    name: str,
+    pretrained: bool = False,
+    channels_last: bool | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, int]:
+    """Build a feature extractor and return it with its output dimension.
+
+    Args:
+        name: a timm model name (``vit_small_patch16_224``, ``resnet50``...) or
+            ``"resnet50_trunc"`` (CLAM's ResNet-50 up to layer3, 1024-d; ``pretrained`` loads
+            timm's ``resnet50.tv_in1k``, the torchvision ImageNet weights CLAM uses).
+        pretrained: load timm's pretrained weights (needs them cached or a network).
+        channels_last: convert to channels-last memory format; default: CNNs only.
+        kwargs: passed to ``timm.create_model`` (e.g. ``img_size=96``, ``drop_path_rate=0.1``).
+
+    Example:
+        >>> net, dim = create_backbone("vit_tiny_patch16_224", img_size=64)  # doctest: +SKIP
+        >>> net(torch.zeros(2, 3, 64, 64)).shape, dim  # doctest: +SKIP
+        (torch.Size([2, 192]), 192)
+    """
+    if name == "resnet50_trunc":
+        model = _timm_model("resnet50.tv_in1k" if pretrained else "resnet50", pretrained, kwargs)
+        model.layer4 = nn.Identity()  # type: ignore[assignment]
+        model.num_features = 1024  # type: ignore[assignment]
+        if hasattr(model, "head_hidden_size"):
+            model.head_hidden_size = 1024  # type: ignore[assignment]
+    else:
+        model = _timm_model(name, pretrained, kwargs)
+    embed_dim = int(getattr(model, "num_features", 0))
+    if embed_dim <= 0:  # pragma: no cover - every timm classifier has num_features
+        with torch.no_grad():
+            embed_dim = int(model(torch.zeros(1, 3, 224, 224)).shape[-1])
+    if channels_last is None:
+        channels_last = is_cnn(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, embed_dim
+
+
+__all__ = ["CUSTOM_BACKBONES", "create_backbone", "is_cnn"]

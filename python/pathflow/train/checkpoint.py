@@ -1,0 +1,105 @@
+"""Training checkpoints: everything needed to resume a run exactly, written atomically.
+
+One file, ``OUT/checkpoint.pt`` (``torch.save``), replaced atomically every ``save_every``
+steps and at the end::
+
+    format, version, method_name, arch, export_prefix
+    method        the method's state dict (student, teacher, DINO centre, BN statistics)
+    optimizer     AdamW state (moments, step counts, parameter groups)
+    step          optimisation steps done; the next step to run
+    epoch         the epoch the next batch belongs to
+    config        the resolved TrainConfig
+    world_size    processes of the run
+    rank_states   per rank, pickled bytes: the loader's ``state_dict`` and the torch / CUDA /
+                  numpy / python RNG states
+
+Everything but ``rank_states`` is tensors and plain values, so the file loads with
+``torch.load(weights_only=True)`` (and :func:`pathflow.train.export.load_backbone_state`
+reads the weights from it); the per-rank blobs are unpickled only when resuming one's own run.
+
+Example:
+    >>> from pathflow.train.checkpoint import capture_rng, restore_rng
+    >>> import torch
+    >>> state = capture_rng()
+    >>> a = torch.rand(1); restore_rng(state); bool(torch.rand(1) == a)
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pathflow.train.io import atomic_open
+
+FORMAT = "pathflow-ssl-checkpoint"
+VERSION = 1
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states of torch (CPU and the current CUDA device), numpy and python."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def rank_state(loader_state: dict[str, Any] | None) -> bytes:
+    """This rank's private part of a checkpoint: loader position (None at an epoch's end)
+    and RNG states."""
+    return pickle.dumps({"loader": loader_state, "rng": capture_rng()})
+
+
+def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, fsync, rename over ``path``."""
+    checkpoint = {"format": FORMAT, "version": VERSION, **checkpoint}
+    with atomic_open(path) as f:
+        torch.save(checkpoint, f)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` (weights-only unpickling)."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a pathflow training checkpoint")
+    return ckpt
+
+
+def unpack_rank_state(ckpt: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The loader state and RNG states saved by ``rank`` (a trusted, own checkpoint)."""
+    states = ckpt["rank_states"]
+    if rank >= len(states):
+        raise ValueError(
+            f"checkpoint was written by {len(states)} process(es); cannot resume rank {rank}"
+        )
+    out: dict[str, Any] = pickle.loads(states[rank])
+    return out
+
+
+__all__ = [
+    "capture_rng",
+    "load_checkpoint",
+    "rank_state",
+    "restore_rng",
+    "save_checkpoint",
+    "unpack_rank_state",
+]

@@ -1,0 +1,208 @@
+"""Backbone weights out of training runs: timm-compatible ``.safetensors``, and a loader
+for our checkpoints, our exports, official DINO-style checkpoints and plain state dicts.
+
+:func:`export_backbone` writes the backbone's state dict with the keys of the bare timm model
+(no ``module.``, ``_orig_mod.``, ``backbone.``, ``teacher.``/``student.`` prefixes, no head),
+so timm loads it as pretrained weights::
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file="backbone.safetensors"))
+
+timm loads non-strictly when ``num_classes`` differs from the pretrained config's, so
+:func:`load_backbone` (strict) is the safer route in code. ``resnet50_trunc`` (CLAM's
+truncated ResNet-50) exports the resnet50 keys without ``layer4.*``; load it with
+``load_backbone("resnet50_trunc", path)``, or through timm as above with ``"resnet50"`` and
+then ``model.layer4 = torch.nn.Identity()`` (1024-d features).
+
+Example:
+    >>> from pathflow.train.export import export_backbone, load_backbone_state
+    >>> export_backbone("run/checkpoint.pt", "run/backbone.safetensors",
+    ...                 arch="vit_small_patch16_224")  # doctest: +SKIP
+    >>> sd = load_backbone_state("dino_checkpoint.pth")  # official DINO, teacher  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pathflow.exceptions import PathflowError
+from pathflow.train.io import atomic_path
+
+#: Containers of a state dict in common checkpoint formats, in order of preference.
+_CONTAINER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "net")
+
+
+def _strip_wrappers(key: str) -> str:
+    """Remove ``_orig_mod.`` (torch.compile) anywhere and leading ``module.`` (DDP)."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return key
+
+
+def _select(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor] | None:
+    """Keys under ``prefix``, prefix removed; None if there are none."""
+    sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return sub or None
+
+
+def clean_backbone_state(
+    checkpoint: Mapping[str, Any], which: str = "teacher", prefix: str | None = None
+) -> dict[str, Tensor]:
+    """The backbone's state dict out of a checkpoint dict (any supported layout).
+
+    Args:
+        checkpoint: our checkpoint (``"method"`` + ``"export_prefix"``), a DINO-style dict
+            with ``"teacher"``/``"student"`` state dicts, a dict holding ``state_dict`` /
+            ``model``..., or a state dict.
+        which: ``"teacher"`` or ``"student"`` where both are present.
+        prefix: take the keys under this prefix (after removing wrappers); default: our
+            checkpoint's ``export_prefix``, else ``<which>.``, ``backbone.``,
+            ``encoder.backbone.`` when present.
+    """
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    ckpt: Mapping[str, Any] = checkpoint
+    if isinstance(ckpt.get("method"), Mapping) and "export_prefix" in ckpt:  # ours
+        if prefix is None:
+            prefix = str(ckpt["export_prefix"])
+            if which == "student" and prefix.startswith("teacher."):
+                prefix = "student." + prefix[len("teacher.") :]
+        ckpt = ckpt["method"]
+    elif isinstance(ckpt.get(which), Mapping):  # DINO / iBOT / DINOv2 style
+        ckpt = ckpt[which]
+    else:
+        for key in _CONTAINER_KEYS:
+            if isinstance(ckpt.get(key), Mapping):
+                ckpt = ckpt[key]
+                break
+    state = {_strip_wrappers(k): v for k, v in ckpt.items() if isinstance(v, Tensor)}
+    if not state:
+        raise PathflowError("no tensors found in the checkpoint")
+    if prefix is not None:
+        sub = _select(state, prefix)
+        if sub is None:
+            raise PathflowError(f"no keys start with {prefix!r} in the checkpoint")
+        return sub
+    for p in (f"{which}.", "backbone.", "encoder.backbone."):
+        sub = _select(state, p)
+        if sub is not None:
+            state = {_strip_wrappers(k): v for k, v in sub.items()}
+    return state
+
+
+def load_backbone_state(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    which: str = "teacher",
+    weights_only: bool = True,
+) -> dict[str, Tensor]:
+    """Backbone state dict (timm key names) from a file or a checkpoint dict.
+
+    Accepts our training checkpoints (``checkpoint.pt``), our ``.safetensors`` exports,
+    official DINO checkpoints (``{"teacher": {"backbone.*", "head.*"}, "student":
+    {"module.backbone.*", ...}}``), DINO's released backbone weights, and timm/lightning
+    style ``{"state_dict": ...}`` files. ``weights_only=False`` is needed for pickles holding
+    other objects (e.g. DINO's ``args`` namespace); use it only on files you trust.
+
+    Example:
+        >>> sd = load_backbone_state("dino_vitbase16_pretrain_full_checkpoint.pth",
+        ...                          weights_only=False)  # doctest: +SKIP
+    """
+    if isinstance(source, Mapping):
+        return clean_backbone_state(source, which=which)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return clean_backbone_state(load_file(str(path)), which=which)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        raise PathflowError(
+            f"{path}: holds Python objects besides tensors; if you trust the file, load it "
+            "with weights_only=False"
+        ) from exc
+    if not isinstance(ckpt, Mapping):
+        raise PathflowError(f"{path}: expected a dict of tensors, got {type(ckpt).__name__}")
+    return clean_backbone_state(ckpt, which=which)
+
+
+def _backbone_state(model_or_checkpoint: Any, which: str) -> dict[str, Tensor]:
+    from pathflow.train.methods.base import SSLMethod
+
+    obj = model_or_checkpoint
+    if isinstance(obj, nn.Module):
+        obj = getattr(obj, "module", obj)  # DDP
+        obj = getattr(obj, "_orig_mod", obj)  # torch.compile
+        if isinstance(obj, SSLMethod):
+            if which == "student" and hasattr(obj, "student"):
+                obj = obj.student.backbone  # type: ignore[union-attr]
+            else:
+                obj = obj.backbone_for_export()
+            return {_strip_wrappers(k): v for k, v in obj.state_dict().items()}
+        return clean_backbone_state(obj.state_dict(), which=which)
+    return load_backbone_state(obj, which=which)
+
+
+def export_backbone(
+    model_or_checkpoint: nn.Module | str | os.PathLike[str] | Mapping[str, Any],
+    out: str | os.PathLike[str],
+    arch: str,
+    which: str = "teacher",
+) -> Path:
+    """Write the backbone of a method, module or checkpoint as timm-compatible safetensors.
+
+    Args:
+        model_or_checkpoint: an :class:`~pathflow.train.methods.SSLMethod` (DINO: teacher
+            backbone; SimCLR: backbone), possibly DDP-wrapped or compiled; a backbone module;
+            or anything :func:`load_backbone_state` reads.
+        out: destination ``.safetensors`` (written atomically).
+        arch: timm name (or ``resnet50_trunc``), stored in the file's metadata.
+        which: ``"teacher"`` or ``"student"`` for DINO-style sources.
+    """
+    from safetensors.torch import save_file
+
+    state = _backbone_state(model_or_checkpoint, which)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    metadata = {"format": "pt", "arch": arch, "producer": "pathflow"}
+    if arch == "resnet50_trunc":
+        metadata["note"] = (
+            "CLAM truncated ResNet-50 (no layer4): pathflow.train.load_backbone("
+            "'resnet50_trunc', path), or timm resnet50 with layer4 = nn.Identity()"
+        )
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out
+
+
+def load_backbone(
+    arch: str,
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    which: str = "teacher",
+    weights_only: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build ``arch`` with :func:`~pathflow.train.backbones.create_backbone` and load
+    ``source`` into it strictly (every key must match).
+
+    Example:
+        >>> net = load_backbone("vit_small_patch16_224", "backbone.safetensors")  # doctest: +SKIP
+    """
+    from pathflow.train.backbones import create_backbone
+
+    model, _ = create_backbone(arch, **kwargs)
+    model.load_state_dict(load_backbone_state(source, which, weights_only), strict=True)
+    return model
+
+
+__all__ = ["clean_backbone_state", "export_backbone", "load_backbone", "load_backbone_state"]

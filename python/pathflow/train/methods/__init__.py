@@ -1,0 +1,32 @@
+"""Self-supervised methods, one file each, behind a timm-style registry.
+
+Example:
+    >>> from pathflow.train.methods import list_methods
+    >>> list_methods()
+    ['dino', 'simclr']
+"""
+
+from __future__ import annotations
+
+from pathflow.train.methods import dino, simclr  # noqa: F401  (register the methods)
+from pathflow.train.methods.base import MultiCropEncoder, SSLMethod, split_decay_groups
+from pathflow.train.methods.dino import DINO
+from pathflow.train.methods.registry import (
+    create_method,
+    list_methods,
+    method_class,
+    register_method,
+)
+from pathflow.train.methods.simclr import SimCLR
+
+__all__ = [
+    "DINO",
+    "MultiCropEncoder",
+    "SSLMethod",
+    "SimCLR",
+    "create_method",
+    "list_methods",
+    "method_class",
+    "register_method",
+    "split_decay_groups",
+]

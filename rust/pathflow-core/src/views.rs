@@ -1,0 +1,900 @@
+//! Decode once, cut many views: the CPU kernel of the self-supervised data loader.
+//!
+//! * [`image_info`]: a cheap structural check of an encoded JPEG or PNG (header, sizes,
+//!   channels, end marker) that gives `(width, height)` without decoding, so a loader can
+//!   skip corrupt samples before handing them to a GPU decoder.
+//! * [`ViewDecoder::decode_into`] / [`decode_views`]: decode an image once to RGB8 (JPEG with
+//!   libjpeg-turbo-rs, the same pixels as PIL; PNG with the `png` crate, alpha dropped, gray
+//!   expanded), then for every requested view crop a float box, resize it to `S x S` with
+//!   PIL's antialiased bilinear filter (`Image.resize((S, S), BILINEAR, box=...)`, via
+//!   `fast_image_resize`) and apply one of the eight D4 symmetries (see [`apply_d4`]).
+//!
+//! Errors: undecodable or unsupported image data gives [`CoreError::Corrupt`] (a per-sample
+//! failure for a loader); a bad box, D4 code, size or output buffer gives
+//! [`CoreError::InvalidArgument`] (a caller bug).
+
+use std::io::Cursor;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use libjpeg_turbo_rs::PixelFormat;
+
+use crate::error::{invalid, CoreError, Result};
+
+/// Largest image (in pixels) that is decoded: 16384 x 16384.
+pub const MAX_PIXELS: u64 = 1 << 28;
+
+/// How far (in source pixels) a box may poke out of the image and still be clamped to it;
+/// f32 rounding of `x0 + w` on large images is added on top (see [`clamp_box`]).
+pub const BOX_TOLERANCE: f64 = 1e-3;
+
+fn corrupt(msg: impl Into<String>) -> CoreError {
+    CoreError::Corrupt(msg.into())
+}
+
+/// Encoded image formats understood here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// 8-bit baseline/progressive JPEG, gray or 3-component.
+    Jpeg,
+    /// 8-bit PNG: gray, gray + alpha, RGB or RGBA.
+    Png,
+}
+
+/// Header facts of an encoded image that passed [`probe`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Format.
+    pub format: ImageFormat,
+    /// Width in pixels (> 0).
+    pub width: u32,
+    /// Height in pixels (> 0).
+    pub height: u32,
+    /// The encoded bytes that matter: `data` without trailing 0x00 padding after a JPEG EOI.
+    pub len: usize,
+}
+
+const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+const PNG_IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
+
+/// `(width, height)` of a structurally valid JPEG or PNG; see [`probe`].
+pub fn image_info(data: &[u8]) -> Result<(u32, u32)> {
+    probe(data).map(|i| (i.width, i.height))
+}
+
+/// Structural validity check without decoding.
+///
+/// JPEG: SOI, well-formed marker segments up to the first scan, a frame header (SOF) with
+/// 8-bit precision, nonzero size and 1 or 3 components, and the EOI marker `FF D9` at the
+/// end of the data (trailing 0x00 padding allowed). PNG: signature, IHDR first with nonzero
+/// size, bit depth 8 and colour type gray, RGB, gray + alpha or RGBA, and an IEND chunk at
+/// the end. Anything else is [`CoreError::Corrupt`] with a short reason. The entropy-coded
+/// data itself is not checked (the decoder does that).
+pub fn probe(data: &[u8]) -> Result<ImageInfo> {
+    if data.is_empty() {
+        Err(corrupt("empty image data"))
+    } else if data.starts_with(&[0xFF, 0xD8]) {
+        probe_jpeg(data)
+    } else if data.starts_with(&PNG_SIGNATURE) {
+        probe_png(data)
+    } else {
+        Err(corrupt("not a JPEG or PNG"))
+    }
+}
+
+fn is_sof(marker: u8) -> bool {
+    matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC)
+}
+
+fn check_pixels(width: u32, height: u32) -> Result<()> {
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(corrupt(format!(
+            "image too large ({width}x{height} pixels, at most {MAX_PIXELS})"
+        )));
+    }
+    Ok(())
+}
+
+fn probe_jpeg(data: &[u8]) -> Result<ImageInfo> {
+    let mut pos = 2;
+    let mut frame: Option<(u32, u32)> = None;
+    loop {
+        if pos >= data.len() {
+            return Err(corrupt("truncated JPEG: header ends early"));
+        }
+        if data[pos] != 0xFF {
+            return Err(corrupt(format!(
+                "corrupt JPEG: expected a marker at byte {pos}"
+            )));
+        }
+        // Any number of 0xFF fill bytes may precede a marker.
+        let mut m = pos + 1;
+        while m < data.len() && data[m] == 0xFF {
+            m += 1;
+        }
+        let Some(&marker) = data.get(m) else {
+            return Err(corrupt("truncated JPEG: header ends early"));
+        };
+        match marker {
+            0xD9 => return Err(corrupt("corrupt JPEG: EOI before any scan")),
+            0x00 | 0x01 | 0xD0..=0xD8 => {
+                return Err(corrupt(format!(
+                    "corrupt JPEG: unexpected marker 0xFF{marker:02X} in the header"
+                )))
+            }
+            _ => {}
+        }
+        let Some(len) = data.get(m + 1..m + 3) else {
+            return Err(corrupt("truncated JPEG: header ends early"));
+        };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let end = m + 1 + len;
+        if len < 2 || end > data.len() {
+            return Err(corrupt(format!(
+                "truncated JPEG: segment 0xFF{marker:02X} runs past the end"
+            )));
+        }
+        let seg = &data[m + 3..end];
+        if is_sof(marker) {
+            if seg.len() < 6 {
+                return Err(corrupt("corrupt JPEG: short frame header"));
+            }
+            let precision = seg[0];
+            let height = u32::from(u16::from_be_bytes([seg[1], seg[2]]));
+            let width = u32::from(u16::from_be_bytes([seg[3], seg[4]]));
+            let components = seg[5];
+            if precision != 8 {
+                return Err(corrupt(format!(
+                    "unsupported JPEG: {precision}-bit samples"
+                )));
+            }
+            if width == 0 || height == 0 {
+                return Err(corrupt(format!(
+                    "corrupt JPEG: empty frame {width}x{height}"
+                )));
+            }
+            if components != 1 && components != 3 {
+                return Err(corrupt(format!(
+                    "unsupported JPEG: {components} components (1 or 3 supported)"
+                )));
+            }
+            check_pixels(width, height)?;
+            frame = Some((width, height));
+        }
+        pos = end;
+        if marker == 0xDA {
+            break;
+        }
+    }
+    let Some((width, height)) = frame else {
+        return Err(corrupt(
+            "corrupt JPEG: no frame header (SOF) before the scan",
+        ));
+    };
+    let len = data.len() - data.iter().rev().take_while(|&&b| b == 0).count();
+    if len < pos + 2 || data[len - 2..len] != [0xFF, 0xD9] {
+        return Err(corrupt("truncated JPEG: no EOI marker"));
+    }
+    Ok(ImageInfo {
+        format: ImageFormat::Jpeg,
+        width,
+        height,
+        len,
+    })
+}
+
+fn probe_png(data: &[u8]) -> Result<ImageInfo> {
+    // Signature, IHDR (length 13, type, 13 bytes, CRC).
+    let Some(ihdr) = data.get(8..33) else {
+        return Err(corrupt("truncated PNG: no IHDR"));
+    };
+    if ihdr[..8] != [0, 0, 0, 13, b'I', b'H', b'D', b'R'] {
+        return Err(corrupt("corrupt PNG: first chunk is not IHDR"));
+    }
+    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let (width, height) = (be(&ihdr[8..12]), be(&ihdr[12..16]));
+    let (depth, colour) = (ihdr[16], ihdr[17]);
+    if width == 0 || height == 0 || width > i32::MAX as u32 || height > i32::MAX as u32 {
+        return Err(corrupt(format!("corrupt PNG: bad size {width}x{height}")));
+    }
+    if depth != 8 {
+        return Err(corrupt(format!(
+            "unsupported PNG: bit depth {depth} (8 supported)"
+        )));
+    }
+    if !matches!(colour, 0 | 2 | 4 | 6) {
+        return Err(corrupt(format!(
+            "unsupported PNG: colour type {colour} (gray, RGB, gray+alpha, RGBA supported)"
+        )));
+    }
+    check_pixels(width, height)?;
+    if data.len() < 33 + PNG_IEND.len() || !data.ends_with(&PNG_IEND) {
+        return Err(corrupt("truncated PNG: no IEND chunk at the end"));
+    }
+    Ok(ImageInfo {
+        format: ImageFormat::Png,
+        width,
+        height,
+        len: data.len(),
+    })
+}
+
+/// One group of views of one image: all share the output side `size`.
+#[derive(Clone, Copy, Debug)]
+pub struct ViewGroup<'a> {
+    /// Per view the source box `[x0, y0, w, h]` in pixels (floats).
+    pub boxes: &'a [[f32; 4]],
+    /// Per view its D4 code 0..=7 (see [`apply_d4`]); same length as `boxes`.
+    pub d4: &'a [u8],
+    /// Output side `S` of every view of the group (> 0).
+    pub size: usize,
+}
+
+impl ViewGroup<'_> {
+    /// Bytes of the group's output: `views * size * size * 3`.
+    pub fn out_len(&self) -> usize {
+        self.boxes.len() * self.size * self.size * 3
+    }
+}
+
+/// Checks a box `[x0, y0, w, h]` against a `width x height` image and returns it in f64,
+/// clamped to the image: finite values, `w, h > 0`, `x0, y0 >= 0` and `x0 + w <= width`,
+/// `y0 + h <= height`, each up to [`BOX_TOLERANCE`] plus the f32 rounding of the sum.
+pub fn clamp_box(b: [f32; 4], width: u32, height: u32) -> Result<[f64; 4]> {
+    let [x0, y0, w, h] = b.map(f64::from);
+    let bad = || {
+        invalid(format!(
+            "box (x0={x0}, y0={y0}, w={w}, h={h}) is not inside the {width}x{height} image"
+        ))
+    };
+    if !(x0.is_finite() && y0.is_finite() && w.is_finite() && h.is_finite()) || w <= 0.0 || h <= 0.0
+    {
+        return Err(bad());
+    }
+    let axis = |o: f64, l: f64, size: u32| -> Option<(f64, f64)> {
+        let size = f64::from(size);
+        let tol = BOX_TOLERANCE + size * f64::from(f32::EPSILON) * 2.0;
+        if o < -tol || o + l > size + tol || o >= size {
+            return None;
+        }
+        let o = o.max(0.0);
+        let l = l.min(size - o);
+        (l > 0.0).then_some((o, l))
+    };
+    let (x0, w) = axis(x0, w, width).ok_or_else(bad)?;
+    let (y0, h) = axis(y0, h, height).ok_or_else(bad)?;
+    Ok([x0, y0, w, h])
+}
+
+/// Checks the groups' shapes and codes (not the boxes, which need the image size).
+pub fn check_groups(groups: &[ViewGroup<'_>]) -> Result<()> {
+    for (g, grp) in groups.iter().enumerate() {
+        if grp.size == 0 {
+            return Err(invalid(format!("view group {g}: output size must be > 0")));
+        }
+        if grp.d4.len() != grp.boxes.len() {
+            return Err(invalid(format!(
+                "view group {g}: {} boxes but {} D4 codes",
+                grp.boxes.len(),
+                grp.d4.len()
+            )));
+        }
+        if let Some(c) = grp.d4.iter().find(|&&c| c > 7) {
+            return Err(invalid(format!(
+                "view group {g}: D4 code {c} is not in 0..=7"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `code` applied to the square RGB8 image `src` (`size x size`) into `dst`:
+/// bit 0 transposes (swaps x and y), then bit 1 flips horizontally, then bit 2 flips
+/// vertically, i.e. `dst = vflip^b2(hflip^b1(transpose^b0(src)))`. As numpy on `(S, S, 3)`:
+/// `a = a.transpose(1, 0, 2)` if bit 0, `a = a[:, ::-1]` if bit 1, `a = a[::-1]` if bit 2.
+/// Panics if a buffer is not `size * size * 3` bytes or `code > 7`.
+pub fn apply_d4(src: &[u8], size: usize, code: u8, dst: &mut [u8]) {
+    assert!(code < 8, "D4 code {code} is not in 0..=7");
+    let row = size * 3;
+    assert_eq!(src.len(), size * row, "source is not {size}x{size}x3");
+    assert_eq!(dst.len(), size * row, "destination is not {size}x{size}x3");
+    let (transpose, hflip, vflip) = (code & 1 != 0, code & 2 != 0, code & 4 != 0);
+    for (y, out) in dst.chunks_exact_mut(row).enumerate() {
+        // Row `y` of the flipped image is row `yy` of the transposed one ...
+        let yy = if vflip { size - 1 - y } else { y };
+        if !transpose {
+            let line = &src[yy * row..(yy + 1) * row];
+            if hflip {
+                for (o, p) in out.chunks_exact_mut(3).zip(line.chunks_exact(3).rev()) {
+                    o.copy_from_slice(p);
+                }
+            } else {
+                out.copy_from_slice(line);
+            }
+        } else {
+            // ... which is column `yy` of the source: out[x] = src[xx][yy].
+            let col = &src[yy * 3..];
+            for (x, o) in out.chunks_exact_mut(3).enumerate() {
+                let xx = if hflip { size - 1 - x } else { x };
+                o.copy_from_slice(&col[xx * row..xx * row + 3]);
+            }
+        }
+    }
+}
+
+/// Reusable decode + resize state (decoded pixels, scratch, resizer buffers): one per
+/// worker thread keeps the hot path free of large allocations.
+#[derive(Default)]
+pub struct ViewDecoder {
+    rgb: Vec<u8>,
+    raw: Vec<u8>,
+    view: Vec<u8>,
+    resizer: Resizer,
+    width: usize,
+    height: usize,
+}
+
+impl ViewDecoder {
+    /// A decoder with empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Frees every buffer larger than `bytes` (after a huge image, so that a long-lived
+    /// per-thread decoder does not pin its memory).
+    pub fn shrink_to(&mut self, bytes: usize) {
+        for buf in [&mut self.rgb, &mut self.raw, &mut self.view] {
+            if buf.capacity() > bytes {
+                *buf = Vec::new();
+            }
+        }
+        if self.rgb.is_empty() {
+            (self.width, self.height) = (0, 0);
+        }
+        if self.resizer.size_of_internal_buffers() > bytes {
+            self.resizer.reset_internal_buffers();
+        }
+    }
+
+    /// The last decoded image: `(rgb, width, height)`.
+    pub fn image(&self) -> (&[u8], usize, usize) {
+        (
+            &self.rgb[..self.width * self.height * 3],
+            self.width,
+            self.height,
+        )
+    }
+
+    /// Decodes `data` (JPEG or PNG) to RGB8 into the internal buffer; see [`Self::image`].
+    pub fn decode(&mut self, data: &[u8]) -> Result<ImageInfo> {
+        let info = probe(data)?;
+        let (w, h) = (info.width as usize, info.height as usize);
+        let n = w * h * 3;
+        if self.rgb.len() < n {
+            self.rgb.resize(n, 0);
+        }
+        match info.format {
+            ImageFormat::Jpeg => {
+                let data = &data[..info.len];
+                let got = libjpeg_turbo_rs::decompress_into(data, PixelFormat::Rgb, &mut self.rgb)
+                    .map_err(|e| corrupt(format!("JPEG decode failed: {e}")))?;
+                if (got.width, got.height) != (w, h) {
+                    return Err(corrupt(format!(
+                        "JPEG decoded to {}x{} but its header says {w}x{h}",
+                        got.width, got.height
+                    )));
+                }
+            }
+            ImageFormat::Png => self.decode_png(data, w, h)?,
+        }
+        (self.width, self.height) = (w, h);
+        Ok(info)
+    }
+
+    fn decode_png(&mut self, data: &[u8], w: usize, h: usize) -> Result<()> {
+        let err = |e: png::DecodingError| corrupt(format!("PNG decode failed: {e}"));
+        let mut decoder = png::Decoder::new(Cursor::new(data));
+        decoder.set_transformations(png::Transformations::IDENTITY);
+        decoder.set_limits(png::Limits {
+            bytes: (MAX_PIXELS as usize) * 4 + (1 << 20),
+        });
+        let mut reader = decoder.read_info().map_err(err)?;
+        let (cw, ch) = reader.info().size();
+        let (colour, depth) = reader.output_color_type();
+        if (cw as usize, ch as usize) != (w, h) || depth != png::BitDepth::Eight {
+            return Err(corrupt("PNG header changed between probe and decode"));
+        }
+        let channels = match colour {
+            png::ColorType::Grayscale => 1,
+            png::ColorType::GrayscaleAlpha => 2,
+            png::ColorType::Rgb => 3,
+            png::ColorType::Rgba => 4,
+            png::ColorType::Indexed => return Err(corrupt("unsupported PNG: palette")),
+        };
+        let rgb = &mut self.rgb[..w * h * 3];
+        if channels == 3 {
+            reader.next_frame(rgb).map_err(err)?;
+            return Ok(());
+        }
+        let n = w * h * channels;
+        if self.raw.len() < n {
+            self.raw.resize(n, 0);
+        }
+        let raw = &mut self.raw[..n];
+        reader.next_frame(raw).map_err(err)?;
+        for (o, p) in rgb.chunks_exact_mut(3).zip(raw.chunks_exact(channels)) {
+            if channels <= 2 {
+                o.fill(p[0]);
+            } else {
+                o.copy_from_slice(&p[..3]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes `data` once and writes every view of every group into `out[g]`
+    /// (`views * S * S * 3` bytes each, views in order, HWC RGB8).
+    ///
+    /// The boxes are checked against the image size before decoding. Bad image data gives
+    /// [`CoreError::Corrupt`]; bad groups, boxes or buffers [`CoreError::InvalidArgument`].
+    /// On error `out` may be partly written.
+    pub fn decode_into(
+        &mut self,
+        data: &[u8],
+        groups: &[ViewGroup<'_>],
+        out: &mut [&mut [u8]],
+    ) -> Result<()> {
+        check_groups(groups)?;
+        if out.len() != groups.len() {
+            return Err(invalid(format!(
+                "{} view groups but {} output buffers",
+                groups.len(),
+                out.len()
+            )));
+        }
+        for (g, (grp, o)) in groups.iter().zip(out.iter()).enumerate() {
+            if o.len() != grp.out_len() {
+                return Err(invalid(format!(
+                    "view group {g}: output buffer of {} bytes, expected {}",
+                    o.len(),
+                    grp.out_len()
+                )));
+            }
+        }
+        let info = probe(data)?;
+        let boxes = groups
+            .iter()
+            .map(|g| {
+                g.boxes
+                    .iter()
+                    .map(|&b| clamp_box(b, info.width, info.height))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.decode(data)?;
+        for ((grp, bx), o) in groups.iter().zip(&boxes).zip(out.iter_mut()) {
+            let s = grp.size;
+            if grp.boxes.is_empty() {
+                continue;
+            }
+            for ((b, &code), dst) in bx.iter().zip(grp.d4).zip(o.chunks_exact_mut(s * s * 3)) {
+                self.view_into(*b, s, code, dst)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resizes box `b` (already clamped) of the decoded image to `s x s`, applies `code`.
+    fn view_into(&mut self, b: [f64; 4], s: usize, code: u8, dst: &mut [u8]) -> Result<()> {
+        let (w, h) = (self.width, self.height);
+        let src = ImageRef::new(w as u32, h as u32, &self.rgb[..w * h * 3], PixelType::U8x3)
+            .map_err(|e| invalid(format!("resize source: {e}")))?;
+        let options = ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+            .crop(b[0], b[1], b[2], b[3]);
+        let side = u32::try_from(s).map_err(|_| invalid(format!("output size {s} too large")))?;
+        let target: &mut [u8] = if code == 0 {
+            dst
+        } else {
+            if self.view.len() < s * s * 3 {
+                self.view.resize(s * s * 3, 0);
+            }
+            &mut self.view[..s * s * 3]
+        };
+        let mut img = Image::from_slice_u8(side, side, target, PixelType::U8x3)
+            .map_err(|e| invalid(format!("resize target: {e}")))?;
+        self.resizer
+            .resize(&src, &mut img, &options)
+            .map_err(|e| invalid(format!("resize failed: {e}")))?;
+        if code != 0 {
+            apply_d4(&self.view[..s * s * 3], s, code, dst);
+        }
+        Ok(())
+    }
+}
+
+/// Decodes `data` once and returns, per group, its views as one `views * S * S * 3` buffer
+/// (HWC RGB8, views in order). See [`ViewDecoder::decode_into`], which reuses buffers.
+pub fn decode_views(data: &[u8], groups: &[ViewGroup<'_>]) -> Result<Vec<Vec<u8>>> {
+    check_groups(groups)?;
+    let mut out: Vec<Vec<u8>> = groups.iter().map(|g| vec![0u8; g.out_len()]).collect();
+    let mut slices: Vec<&mut [u8]> = out.iter_mut().map(|v| v.as_mut_slice()).collect();
+    ViewDecoder::new().decode_into(data, groups, &mut slices)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jpeg::{decode_rgb, encode_rgb};
+    use libjpeg_turbo_rs::Subsampling;
+
+    /// Real H&E pixels: the 48x48 OpenSlide crop `cmu_3.rgb` of the test data, mirror-tiled
+    /// to `w x h` (reflection keeps the texture continuous).
+    fn real_patch(w: usize, h: usize) -> Vec<u8> {
+        const SIDE: usize = 48;
+        let raw =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/cmu_3.rgb")).unwrap();
+        assert_eq!(raw.len(), SIDE * SIDE * 3);
+        let fold = |v: usize| {
+            let m = v % (2 * SIDE);
+            if m < SIDE {
+                m
+            } else {
+                2 * SIDE - 1 - m
+            }
+        };
+        let mut out = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            for x in 0..w {
+                let i = (fold(y) * SIDE + fold(x)) * 3;
+                out.extend_from_slice(&raw[i..i + 3]);
+            }
+        }
+        out
+    }
+
+    fn png_bytes(pixels: &[u8], w: u32, h: u32, colour: png::ColorType) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(colour);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header().unwrap();
+        writer.write_image_data(pixels).unwrap();
+        writer.finish().unwrap();
+        out
+    }
+
+    fn reason(r: Result<(u32, u32)>) -> String {
+        match r {
+            Err(CoreError::Corrupt(m)) => m,
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    /// `(S, S, 3)` index helpers for building expected D4 results by hand.
+    fn px(img: &[u8], s: usize, y: usize, x: usize) -> [u8; 3] {
+        let i = (y * s + x) * 3;
+        [img[i], img[i + 1], img[i + 2]]
+    }
+
+    #[test]
+    fn info_of_valid_jpeg_and_png() {
+        let img = real_patch(40, 24);
+        let jpeg = encode_rgb(&img, 40, 24, 90).unwrap();
+        assert_eq!(image_info(&jpeg).unwrap(), (40, 24));
+        // Trailing zero padding after EOI is fine.
+        let padded = [&jpeg[..], &[0u8; 7]].concat();
+        assert_eq!(image_info(&padded).unwrap(), (40, 24));
+        let gray: Vec<u8> = img.chunks(3).map(|p| p[1]).collect();
+        let gjpeg = libjpeg_turbo_rs::compress(
+            &gray,
+            40,
+            24,
+            PixelFormat::Grayscale,
+            90,
+            Subsampling::S444,
+        )
+        .unwrap();
+        assert_eq!(image_info(&gjpeg).unwrap(), (40, 24));
+        for (colour, c) in [
+            (png::ColorType::Rgb, 3),
+            (png::ColorType::Rgba, 4),
+            (png::ColorType::Grayscale, 1),
+            (png::ColorType::GrayscaleAlpha, 2),
+        ] {
+            let px = vec![9u8; 40 * 24 * c];
+            assert_eq!(
+                image_info(&png_bytes(&px, 40, 24, colour)).unwrap(),
+                (40, 24)
+            );
+        }
+    }
+
+    #[test]
+    fn info_rejects_corrupt_and_truncated_data() {
+        let img = real_patch(32, 32);
+        let jpeg = encode_rgb(&img, 32, 32, 90).unwrap();
+        assert_eq!(reason(image_info(&[])), "empty image data");
+        assert_eq!(reason(image_info(b"GIF89a....")), "not a JPEG or PNG");
+        assert_eq!(
+            reason(image_info(&jpeg[..jpeg.len() - 1])),
+            "truncated JPEG: no EOI marker"
+        );
+        assert_eq!(
+            reason(image_info(&jpeg[..jpeg.len() / 2])),
+            "truncated JPEG: no EOI marker"
+        );
+        assert!(reason(image_info(&jpeg[..30])).starts_with("truncated JPEG"));
+        assert!(reason(image_info(&jpeg[..2])).starts_with("truncated JPEG"));
+        // Garbage after the EOI (not zero padding) is not accepted.
+        let tail = [&jpeg[..], &[1u8, 2, 3]].concat();
+        assert_eq!(reason(image_info(&tail)), "truncated JPEG: no EOI marker");
+        // A zero-height frame and a 4-component frame.
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        let mut zero = jpeg.clone();
+        zero[sof + 5] = 0;
+        zero[sof + 6] = 0;
+        assert!(reason(image_info(&zero)).contains("empty frame"));
+        let mut cmyk = jpeg.clone();
+        cmyk[sof + 9] = 4;
+        assert!(reason(image_info(&cmyk)).contains("4 components"));
+
+        let png = png_bytes(&img, 32, 32, png::ColorType::Rgb);
+        assert_eq!(
+            reason(image_info(&png[..png.len() - 4])),
+            "truncated PNG: no IEND chunk at the end"
+        );
+        assert_eq!(reason(image_info(&png[..20])), "truncated PNG: no IHDR");
+        let png16 = {
+            let mut enc_out = Vec::new();
+            let mut enc = png::Encoder::new(&mut enc_out, 2, 2);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Sixteen);
+            let mut w = enc.write_header().unwrap();
+            w.write_image_data(&[0u8; 24]).unwrap();
+            w.finish().unwrap();
+            enc_out
+        };
+        assert!(reason(image_info(&png16)).contains("bit depth 16"));
+        // Decoding reports the same failures as Corrupt.
+        let groups = [ViewGroup {
+            boxes: &[[0.0, 0.0, 8.0, 8.0]],
+            d4: &[0],
+            size: 8,
+        }];
+        for bad in [&jpeg[..jpeg.len() - 2], &png[..png.len() - 1], b"", b"xx"] {
+            assert!(matches!(
+                decode_views(bad, &groups),
+                Err(CoreError::Corrupt(_))
+            ));
+        }
+        // Corrupt entropy data with intact markers fails in the decoder, not in probe.
+        let mut scrambled = jpeg.clone();
+        let sos = scrambled
+            .windows(2)
+            .position(|w| w == [0xFF, 0xDA])
+            .unwrap();
+        let n = scrambled.len();
+        for b in &mut scrambled[sos + 14..n - 2] {
+            *b = 0xFF;
+        }
+        assert!(image_info(&scrambled).is_ok());
+        if let Err(e) = decode_views(&scrambled, &groups) {
+            assert!(matches!(e, CoreError::Corrupt(_)), "{e}");
+        }
+    }
+
+    #[test]
+    fn decode_matches_reference_decoders() {
+        let img = real_patch(48, 40);
+        let jpeg = encode_rgb(&img, 48, 40, 85).unwrap();
+        let mut dec = ViewDecoder::new();
+        dec.decode(&jpeg).unwrap();
+        let (rgb, w, h) = dec.image();
+        assert_eq!((w, h), (48, 40));
+        assert_eq!(rgb, decode_rgb(&jpeg).unwrap().0.as_slice());
+        // Buffers are reused: a smaller image after a larger one.
+        let small = encode_rgb(&img[..48 * 8 * 3], 48, 8, 85).unwrap();
+        dec.decode(&small).unwrap();
+        assert_eq!(dec.image().0, decode_rgb(&small).unwrap().0.as_slice());
+        // PNG: RGB exact, alpha dropped, gray expanded.
+        dec.decode(&png_bytes(&img, 48, 40, png::ColorType::Rgb))
+            .unwrap();
+        assert_eq!(dec.image().0, img.as_slice());
+        let rgba: Vec<u8> = img.chunks(3).flat_map(|p| [p[0], p[1], p[2], 7]).collect();
+        dec.decode(&png_bytes(&rgba, 48, 40, png::ColorType::Rgba))
+            .unwrap();
+        assert_eq!(dec.image().0, img.as_slice());
+        let gray: Vec<u8> = img.chunks(3).map(|p| p[0]).collect();
+        let ga: Vec<u8> = gray.iter().flat_map(|&g| [g, 1]).collect();
+        let expanded: Vec<u8> = gray.iter().flat_map(|&g| [g; 3]).collect();
+        dec.decode(&png_bytes(&gray, 48, 40, png::ColorType::Grayscale))
+            .unwrap();
+        assert_eq!(dec.image().0, expanded.as_slice());
+        dec.decode(&png_bytes(&ga, 48, 40, png::ColorType::GrayscaleAlpha))
+            .unwrap();
+        assert_eq!(dec.image().0, expanded.as_slice());
+    }
+
+    #[test]
+    fn full_box_at_native_size_is_the_image() {
+        let img = real_patch(64, 64);
+        let png = png_bytes(&img, 64, 64, png::ColorType::Rgb);
+        let groups = [ViewGroup {
+            boxes: &[[0.0, 0.0, 64.0, 64.0], [16.0, 8.0, 32.0, 32.0]],
+            d4: &[0, 0],
+            size: 64,
+        }];
+        let out = decode_views(&png, &groups).unwrap();
+        assert_eq!(&out[0][..64 * 64 * 3], img.as_slice());
+        // 2x upscale of the 32x32 box at (16, 8) with PIL's bilinear: output (1, 1) centres on
+        // source (x, y) = (16.75, 8.75), i.e. weights 0.75 / 0.25 on pixels 16, 17 and 8, 9.
+        let up = &out[0][64 * 64 * 3..];
+        let p = |y: usize, x: usize, c: usize| f64::from(img[(y * 64 + x) * 3 + c]);
+        for c in 0..3 {
+            let v = 0.5625 * p(8, 16, c)
+                + 0.1875 * p(8, 17, c)
+                + 0.1875 * p(9, 16, c)
+                + 0.0625 * p(9, 17, c);
+            let got = f64::from(up[(64 + 1) * 3 + c]);
+            assert!((got - v).abs() <= 1.0, "{got} vs {v}");
+        }
+        // A constant image stays constant through any box.
+        let flat = vec![123u8; 50 * 30 * 3];
+        let png = png_bytes(&flat, 50, 30, png::ColorType::Rgb);
+        let groups = [ViewGroup {
+            boxes: &[[3.3, 1.7, 40.2, 20.9], [0.0, 0.0, 50.0, 30.0]],
+            d4: &[5, 3],
+            size: 17,
+        }];
+        let out = decode_views(&png, &groups).unwrap();
+        assert!(out[0].iter().all(|&v| v == 123));
+    }
+
+    #[test]
+    fn d4_codes_match_hand_built_arrays() {
+        // 3x3 image whose pixel (y, x) is [y, x, 10 * y + x].
+        let s = 3;
+        let src: Vec<u8> = (0..s * s)
+            .flat_map(|i| [(i / s) as u8, (i % s) as u8, (10 * (i / s) + i % s) as u8])
+            .collect();
+        // Expected source (y, x) for each output (y, x), built from the definition.
+        let expected = |code: u8, y: usize, x: usize| -> (usize, usize) {
+            let (t, hf, vf) = (code & 1 != 0, code & 2 != 0, code & 4 != 0);
+            let y = if vf { s - 1 - y } else { y };
+            let x = if hf { s - 1 - x } else { x };
+            if t {
+                (x, y)
+            } else {
+                (y, x)
+            }
+        };
+        let mut dst = vec![0u8; s * s * 3];
+        for code in 0..8u8 {
+            apply_d4(&src, s, code, &mut dst);
+            for y in 0..s {
+                for x in 0..s {
+                    let (sy, sx) = expected(code, y, x);
+                    assert_eq!(px(&dst, s, y, x), px(&src, s, sy, sx), "code {code}");
+                }
+            }
+        }
+        // Hand-written: transpose then hflip is a 90-degree clockwise rotation.
+        apply_d4(&src, s, 3, &mut dst);
+        let gray: Vec<u8> = dst.chunks(3).map(|p| p[2]).collect();
+        assert_eq!(gray, vec![20, 10, 0, 21, 11, 1, 22, 12, 2]);
+        // vflip alone.
+        apply_d4(&src, s, 4, &mut dst);
+        let gray: Vec<u8> = dst.chunks(3).map(|p| p[2]).collect();
+        assert_eq!(gray, vec![20, 21, 22, 10, 11, 12, 0, 1, 2]);
+        // hflip alone.
+        apply_d4(&src, s, 2, &mut dst);
+        let gray: Vec<u8> = dst.chunks(3).map(|p| p[2]).collect();
+        assert_eq!(gray, vec![2, 1, 0, 12, 11, 10, 22, 21, 20]);
+        // All three: transpose, hflip, vflip = anti-transpose.
+        apply_d4(&src, s, 7, &mut dst);
+        let gray: Vec<u8> = dst.chunks(3).map(|p| p[2]).collect();
+        assert_eq!(gray, vec![22, 12, 2, 21, 11, 1, 20, 10, 0]);
+    }
+
+    #[test]
+    fn views_apply_d4_after_resizing() {
+        let img = real_patch(96, 80);
+        let jpeg = encode_rgb(&img, 96, 80, 90).unwrap();
+        let b = [5.5f32, 3.25, 70.0, 61.5];
+        let plain = decode_views(
+            &jpeg,
+            &[ViewGroup {
+                boxes: &[b],
+                d4: &[0],
+                size: 24,
+            }],
+        )
+        .unwrap();
+        let codes: Vec<u8> = (0..8).collect();
+        let boxes = vec![b; 8];
+        let small = [ViewGroup {
+            boxes: &boxes[..2],
+            d4: &codes[..2],
+            size: 24,
+        }];
+        let all = [
+            ViewGroup {
+                boxes: &boxes,
+                d4: &codes,
+                size: 24,
+            },
+            ViewGroup {
+                boxes: &[],
+                d4: &[],
+                size: 5,
+            },
+        ];
+        let out = decode_views(&jpeg, &all).unwrap();
+        assert!(out[1].is_empty());
+        let n = 24 * 24 * 3;
+        let mut expected = vec![0u8; n];
+        for code in 0..8u8 {
+            apply_d4(&plain[0], 24, code, &mut expected);
+            let c = usize::from(code);
+            assert_eq!(&out[0][c * n..(c + 1) * n], expected.as_slice());
+        }
+        assert_eq!(decode_views(&jpeg, &small).unwrap()[0], out[0][..2 * n]);
+    }
+
+    #[test]
+    fn boxes_are_validated_and_clamped() {
+        assert_eq!(
+            clamp_box([0.0, 0.0, 256.0, 256.0], 256, 256).unwrap(),
+            [0.0, 0.0, 256.0, 256.0]
+        );
+        // Rounding slop is clamped away.
+        let c = clamp_box([-0.0004, 10.0, 256.0005, 246.0009], 256, 256).unwrap();
+        assert_eq!(c[0], 0.0);
+        assert!(c[2] <= 256.0 && c[2] > 255.99);
+        assert!(c[1] + c[3] <= 256.0);
+        for bad in [
+            [-0.01, 0.0, 10.0, 10.0],
+            [0.0, -1.0, 10.0, 10.0],
+            [250.0, 0.0, 6.1, 10.0],
+            [0.0, 200.0, 10.0, 56.5],
+            [0.0, 0.0, 0.0, 10.0],
+            [0.0, 0.0, 10.0, -1.0],
+            [f32::NAN, 0.0, 10.0, 10.0],
+            [0.0, 0.0, f32::INFINITY, 10.0],
+            [256.0, 0.0, 1e-4, 1.0],
+        ] {
+            assert!(
+                matches!(clamp_box(bad, 256, 256), Err(CoreError::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+        let img = real_patch(32, 32);
+        let jpeg = encode_rgb(&img, 32, 32, 90).unwrap();
+        let run = |boxes: &[[f32; 4]], d4: &[u8], size: usize| {
+            decode_views(&jpeg, &[ViewGroup { boxes, d4, size }])
+        };
+        let inv = |r: Result<Vec<Vec<u8>>>| matches!(r, Err(CoreError::InvalidArgument(_)));
+        assert!(inv(run(&[[0.0, 0.0, 33.0, 32.0]], &[0], 8)));
+        assert!(inv(run(&[[0.0, 0.0, 32.0, 32.0]], &[8], 8)));
+        assert!(inv(run(&[[0.0, 0.0, 32.0, 32.0]], &[0], 0)));
+        assert!(inv(run(&[[0.0, 0.0, 32.0, 32.0]], &[0, 1], 8)));
+        assert!(run(&[[0.0, 0.0, 32.0, 32.0]], &[1], 8).is_ok());
+        // Wrong output buffers.
+        let mut buf = [0u8; 10];
+        let groups = [ViewGroup {
+            boxes: &[[0.0, 0.0, 32.0, 32.0]],
+            d4: &[0],
+            size: 8,
+        }];
+        assert!(matches!(
+            ViewDecoder::new().decode_into(&jpeg, &groups, &mut [&mut buf[..]]),
+            Err(CoreError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            ViewDecoder::new().decode_into(&jpeg, &groups, &mut []),
+            Err(CoreError::InvalidArgument(_))
+        ));
+    }
+}

@@ -1,0 +1,109 @@
+"""Shard index, reading, and the per-rank epoch order."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pathflow.data.shardset import ShardSet, epoch_order, read_dali_index, scan_tar, shuffle_buffer
+
+
+def test_dali_index_equals_tar_scan(sample_shards: Path) -> None:
+    tar = sample_shards / "shard-000000.tar"
+    a = read_dali_index(tar, tar.with_suffix(".idx"))
+    b = scan_tar(tar)
+    assert a.keys == b.keys and len(a) == 43
+    for f in ("img_off", "img_size", "meta_off", "meta_size"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_read_bytes_and_meta_match_tar(sample_shards: Path) -> None:
+    ss = ShardSet(sample_shards)
+    assert len(ss) == 43
+    images, metas = ss.read(np.array([0, 17, 42]))
+    with tarfile.open(sample_shards / "shard-000000.tar") as tf:
+        for img, meta in zip(images, metas, strict=False):
+            member = tf.extractfile(meta["key"] + ".jpg")
+            assert member is not None and member.read() == img
+            js = json.loads(tf.extractfile(meta["key"] + ".json").read())  # type: ignore[union-attr]
+            assert (meta["slide"], meta["x"], meta["y"]) == (js["slide"], js["x"], js["y"])
+            assert meta["label"] == -1
+
+
+def _write_generic_wds(path: Path, n: int, jpg: bytes) -> None:
+    """A WebDataset written the way webdataset.TarWriter does: .jpg + .cls, no .idx."""
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as w:
+        for i in range(n):
+            w.write({"__key__": f"dir/sample{i:04d}", "jpg": jpg, "cls": i % 3})
+
+
+def test_generic_webdataset_without_index(tmp_path: Path, sample_shards: Path) -> None:
+    jpg = ShardSet(sample_shards).read(np.array([0]))[0][0]
+    _write_generic_wds(tmp_path / "a.tar", 5, jpg)
+    _write_generic_wds(tmp_path / "b.tar", 3, jpg)
+    ss = ShardSet(tmp_path)
+    assert len(ss) == 8 and list(ss.counts) == [5, 3]
+    images, metas = ss.read(np.arange(8))
+    assert all(im == jpg for im in images)
+    assert [m["label"] for m in metas] == [0, 1, 2, 0, 1, 0, 1, 2]
+    assert metas[0]["key"] == "dir/sample0000" and metas[0]["slide"] == "sample0000"
+
+
+def test_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no shards\.json"):
+        ShardSet(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"missing\.tar"):
+        ShardSet([tmp_path / "missing.tar"])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_ranks_cover_every_sample_once(world: int) -> None:
+    counts = np.array([100, 37, 1, 64, 250])
+    total = int(counts.sum())
+    for epoch in range(3):
+        parts = [
+            epoch_order(counts, epoch=epoch, seed=7, rank=r, world=world, buffer=50)
+            for r in range(world)
+        ]
+        allidx = np.concatenate(parts)
+        assert sorted(allidx.tolist()) == list(range(total))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        equal = [
+            epoch_order(counts, epoch=epoch, seed=7, rank=r, world=world, equal=True)
+            for r in range(world)
+        ]
+        assert {len(p) for p in equal} == {total // world}
+        assert len(np.unique(np.concatenate(equal))) == world * (total // world)
+
+
+def test_order_is_seeded_and_changes_per_epoch() -> None:
+    counts = np.array([40, 40, 40])
+    a = epoch_order(counts, epoch=0, seed=1)
+    assert np.array_equal(a, epoch_order(counts, epoch=0, seed=1))
+    assert not np.array_equal(a, epoch_order(counts, epoch=1, seed=1))
+    assert not np.array_equal(a, epoch_order(counts, epoch=0, seed=2))
+    plain = epoch_order(counts, epoch=0, seed=1, shuffle=False)
+    assert np.array_equal(plain, np.arange(120))
+
+
+def test_shuffle_buffer_is_a_local_permutation() -> None:
+    seq = np.arange(10_000)
+    out = shuffle_buffer(seq, 100, np.random.default_rng(0))
+    assert sorted(out.tolist()) == seq.tolist()
+    # an item leaves the buffer no earlier than it entered: out[i] <= i + 99
+    assert (out <= np.arange(10_000) + 99).all()
+    assert np.abs(out - np.arange(10_000)).mean() > 20  # actually shuffled
+
+
+def test_truncated_shard_read_is_a_clear_error(tmp_path: Path, sample_shards: Path) -> None:
+    data = (sample_shards / "shard-000000.tar").read_bytes()
+    (tmp_path / "shard-000000.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "shard-000000.idx").write_bytes((sample_shards / "shard-000000.idx").read_bytes())
+    ss = ShardSet([tmp_path / "shard-000000.tar"])
+    with pytest.raises(OSError, match="truncated"):
+        ss.read(np.array([42]))

@@ -1,0 +1,31 @@
+"""``pathflow demo`` (the README's main command), shortened to a few training steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path, cmu_path: Path) -> None:
+    from pathflow.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "4", "--batch-size", "8",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    report = (out / "REPORT.md").read_text()
+    assert "310 patches" in report and "KNN metrics" in report
+    summary = json.loads((out / "train" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["finished"]
+    assert (out / "train" / "backbone.safetensors").is_file()
+    assert sorted(p.name for p in (out / "features" / "features").glob("*.h5")) == [
+        "cmu_small_region.h5", "slide_with_ink.h5"]  # fmt: skip
+    metrics = json.loads((out / "eval" / "knn" / "metrics.json").read_text())
+    assert metrics["n_train"] + metrics["n_test"] == 310
+    assert metrics["metrics"]["accuracy"] > 0.8  # two very different sources
+    assert (out / "eval" / "tsne_test.png").stat().st_size > 10_000

@@ -1,0 +1,17 @@
+"""Training tests run torch single-threaded: small tensors gain nothing from two OpenMP
+threads, and a busy machine (other test processes) makes their barriers very slow."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
