@@ -9,7 +9,7 @@ from pathlib import Path
 # the CUDA build of torch blocks in cuFile's start-up (see pathflow.slide.cucim_reader). The
 # cuCIM reader tests need it; torch comes in with the data/train tests.
 with contextlib.suppress(ImportError):
-    import cucim  # noqa: F401
+    from cucim import CuImage  # noqa: F401
 
 import numpy as np
 import pytest

@@ -68,7 +68,7 @@ _TIFF_UNIT_SCALE = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0}
 def _cuimage_class() -> Any:
     import sys
 
-    if "cucim" not in sys.modules and "torch" in sys.modules:
+    if "cucim.clara" not in sys.modules and "torch" in sys.modules:
         torch = sys.modules["torch"]
         if not torch.cuda.is_available():
             # Seen with cucim-cu13 and the CUDA build of torch on a machine without a GPU
