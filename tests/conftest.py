@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-
-# cuCIM must be imported before torch: on a machine without a GPU driver, importing it after
-# the CUDA build of torch blocks in cuFile's start-up (see pathflow.slide.cucim_reader). The
-# cuCIM reader tests need it; torch comes in with the data/train tests.
-with contextlib.suppress(ImportError):
-    from cucim import CuImage  # noqa: F401
 
 import numpy as np
 import pytest

@@ -64,22 +64,26 @@ _UNIT_TO_UM = {
 _TIFF_UNIT_SCALE = {"inch": 25400.0, "centimeter": 10000.0, "cm": 10000.0}
 
 
-@functools.cache
-def _cuimage_class() -> Any:
+def _blocked_by_torch() -> bool:
     import sys
 
-    if "cucim.clara" not in sys.modules and "torch" in sys.modules:
-        torch = sys.modules["torch"]
-        if not torch.cuda.is_available():
-            # Seen with cucim-cu13 and the CUDA build of torch on a machine without a GPU
-            # driver: importing cucim after torch blocks forever in cuFile's start-up.
-            warnings.warn(
-                "cuCIM is skipped: importing it after torch without a CUDA device can hang; "
-                "import cucim before torch to use it here",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return None
+    torch = sys.modules.get("torch")
+    return torch is not None and not torch.cuda.is_available()
+
+
+@functools.cache
+def _cuimage_class() -> Any:
+
+    if _blocked_by_torch():
+        # Seen with cucim-cu13 and the CUDA build of torch on a machine without a GPU driver:
+        # once torch is imported, cuCIM blocks forever (cuFile start-up) when it opens a file.
+        warnings.warn(
+            "cuCIM is not used in a process that imported torch on a machine without a CUDA "
+            "device (it hangs there); use openslide or tiffslide",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     try:
         from cucim import CuImage  # type: ignore[attr-defined]
     except Exception:
@@ -141,6 +145,8 @@ class CuCIMReader(SlideReader):
         # imported, can stall; it is imported when a slide is actually opened with it.
         import importlib.util
 
+        if _blocked_by_torch():  # see _cuimage_class
+            return False
         try:
             return importlib.util.find_spec("cucim") is not None
         except (ImportError, ValueError):
