@@ -118,42 +118,32 @@ def gaussian_blur(x: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
     return y.reshape(n, c, h, w)
 
 
+def _solarize(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= 0.5, 1.0 - x, x)
+
+
 def apply_color_stages(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
-    """Apply stain, HED, colour, blur and solarisation stages to float RGB (N, 3, S, S)."""
+    """Apply stain, HED, colour, blur and solarisation stages to float RGB (N, 3, S, S).
+
+    Each stage runs only on the samples that use it, with their per-sample parameters.
+    """
     dev = x.device
-    idx = np.flatnonzero(p.stain)
-    if idx.size:
-        i = torch.from_numpy(idx).to(dev)
-        x[i] = randstain(
-            x[i],
-            torch.from_numpy(p.stain_mean[idx]).to(dev),
-            torch.from_numpy(p.stain_std[idx]).to(dev),
-        )
-    idx = np.flatnonzero(p.hed)
-    if idx.size:
-        i = torch.from_numpy(idx).to(dev)
-        x[i] = hed_jitter(
-            x[i],
-            torch.from_numpy(p.hed_matrix[idx]).to(dev),
-            torch.from_numpy(p.hed_offset[idx]).to(dev),
-        )
-    idx = np.flatnonzero(p.color)
-    if idx.size:
-        i = torch.from_numpy(idx).to(dev)
-        x[i] = color_jitter(
-            x[i],
-            torch.from_numpy(p.color_matrix[idx]).to(dev),
-            torch.from_numpy(p.color_k[idx]).to(dev),
-        )
-    idx = np.flatnonzero(p.blur_sigma > 0)
-    if idx.size:
-        i = torch.from_numpy(idx).to(dev)
-        x[i] = gaussian_blur(x[i], p.blur_sigma[idx])
-    idx = np.flatnonzero(p.solarize)
-    if idx.size:
-        i = torch.from_numpy(idx).to(dev)
-        xs = x[i]
-        x[i] = torch.where(xs >= 0.5, 1.0 - xs, xs)
+
+    def rows(a: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a[idx]).to(dev)
+
+    stages = (
+        (p.stain, lambda y, k: randstain(y, rows(p.stain_mean, k), rows(p.stain_std, k))),
+        (p.hed, lambda y, k: hed_jitter(y, rows(p.hed_matrix, k), rows(p.hed_offset, k))),
+        (p.color, lambda y, k: color_jitter(y, rows(p.color_matrix, k), rows(p.color_k, k))),
+        (p.blur_sigma > 0, lambda y, k: gaussian_blur(y, p.blur_sigma[k])),
+        (p.solarize, lambda y, k: _solarize(y)),
+    )
+    for mask, stage in stages:
+        idx = np.flatnonzero(mask)
+        if idx.size:
+            i = torch.from_numpy(idx).to(dev)
+            x[i] = stage(x[i], idx)
     return x
 
 
