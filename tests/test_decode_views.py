@@ -104,7 +104,7 @@ def test_image_info_reports_corrupt_data(jpegs: list[bytes]) -> None:
     assert all(isinstance(r, str) and r for r in reasons[1:])
     assert reasons[1] == reasons[2] == "truncated JPEG: no EOI marker"
     assert "PNG" in str(reasons[3])
-    assert reasons[4] == "not a JPEG or PNG"
+    assert reasons[4] == "not a JPEG, PNG or WebP"
     assert reasons[5] == "empty image data"
     assert "4 components" in str(reasons[6])
     assert "colour type 3" in str(reasons[7])
@@ -228,7 +228,7 @@ def test_bad_samples_fail_alone(jpegs: list[bytes]) -> None:
             assert isinstance(reasons[i], str) and reasons[i]
             assert not outs[0][i].any()
     assert reasons[1] == "truncated JPEG: no EOI marker"
-    assert reasons[3] == "not a JPEG or PNG"
+    assert reasons[3] == "not a JPEG, PNG or WebP"
     assert reasons[4] == "empty image data"
     alone, _, _ = _core.decode_views(good, [boxes[:3]], [32], [codes[:3]])
     assert np.array_equal(outs[0][[0, 2, 5]], alone[0])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -18,8 +20,9 @@ import pytest
 import torch
 from pathflow.cli import main
 from pathflow.extract.decode import decode_resize
-from pathflow.extract.model import load_backbone
+from pathflow.extract.model import IMAGENET_MEAN, IMAGENET_STD, load_extractor, resolve_norm
 from pathflow.extract.sources import discover
+from pathflow.extract.writer import read_features
 from PIL import Image
 
 ARCH = "test_vit"  # timm's 0.3M-parameter ViT, 160 px input, 64-d features
@@ -63,14 +66,22 @@ def shard_images(sdir: Path) -> tuple[list[bytes], list[tuple[int, int]]]:
     return data, xy
 
 
-def reference(images: np.ndarray, arch: str = ARCH, weights: str | None = None) -> np.ndarray:
-    """The model run by hand: uint8 NHWC -> /255 -> ImageNet mean/std -> forward."""
-    bb = load_backbone(arch, weights, device="cpu")
+def reference(
+    images: np.ndarray,
+    arch: str = ARCH,
+    weights: str | Path | None = None,
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406),
+    std: tuple[float, ...] = (0.229, 0.224, 0.225),
+    module: torch.nn.Module | None = None,
+) -> np.ndarray:
+    """The model run by hand: uint8 NHWC -> /255 -> mean/std (ImageNet's) -> forward."""
+    if module is None:
+        module = load_extractor(arch, str(weights) if weights else None, device="cpu").module
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
-        return bb.module((x - mean) / std).numpy()
+        return module.eval()((x - m) / s).numpy()
 
 
 def pil_resized(data: list[bytes], size: int) -> np.ndarray:
@@ -219,6 +230,126 @@ def test_weights_file_is_loaded(extracted: Path, sample_shards: Path, tmp_path: 
                    "--out", tmp_path / "bad", "-q") == 1  # fmt: skip
 
 
+def _save_random_weights(path: Path, seed: int) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    import timm
+
+    save_file(timm.create_model(ARCH, num_classes=0).state_dict(), path)
+
+
+@pytest.mark.parametrize("fmt", ["h5", "pt"])
+def test_weights_retrained_into_the_same_file_are_recomputed(
+    fmt: str, sample_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    w = tmp_path / "backbone.safetensors"
+    out = tmp_path / "out"
+    dest = out / "features" / f"cmu_small_region.{fmt}"
+    args = ("extract", sample_shards, "--arch", ARCH, "--weights", w, "--out", out, "--format",
+            fmt, "-q")  # fmt: skip
+    _save_random_weights(w, 1)
+    assert run_cli(*args) == 0
+    first = read_features(dest)[0]
+    # unchanged weights file: resumed, not recomputed
+    before = dest.stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_cli(*args) == 0
+    assert dest.stat().st_mtime_ns == before
+    assert "resumed 1; 0 images embedded" in capsys.readouterr().err
+    # weights retrained into the same file: same path, same size, even the same mtime
+    stat = w.stat()
+    _save_random_weights(w, 2)
+    os.utime(w, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert w.stat().st_size == stat.st_size and w.stat().st_mtime_ns == stat.st_mtime_ns
+    assert run_cli(*args) == 0
+    assert "ok 1; 43 images embedded" in capsys.readouterr().err
+    second = read_features(dest)[0]
+    assert not np.allclose(first, second, atol=1e-3)
+    data, _ = shard_images(sample_shards)
+    np.testing.assert_allclose(second, reference(decode_resize(data, 160).images, weights=w),
+                               atol=1e-5)  # fmt: skip
+    if fmt == "h5":
+        attrs = read_h5(dest)[2]
+        assert attrs["weights_sha256"] == hashlib.sha256(w.read_bytes()).hexdigest()
+    # and the new features are now the ones resumed
+    assert run_cli(*args) == 0
+    assert "resumed 1; 0 images embedded" in capsys.readouterr().err
+
+
+def test_norm_auto_resolution_with_a_non_imagenet_pretrained_cfg() -> None:
+    import timm
+
+    # CLIP's normalisation; the config alone, no weights are built or downloaded
+    cfg = timm.get_pretrained_cfg("vit_base_patch16_clip_224.openai").to_dict()
+    clip_mean, clip_std = tuple(cfg["mean"]), tuple(cfg["std"])
+    assert clip_mean != IMAGENET_MEAN and abs(clip_mean[0] - 0.4815) < 1e-3
+    assert resolve_norm("auto", cfg, pretrained=True) == (clip_mean, clip_std, "pretrained_cfg")
+    assert resolve_norm("model", cfg) == (clip_mean, clip_std, "pretrained_cfg")
+    # random initialisation or our own weights: ImageNet's (what pathflow trains with)
+    assert resolve_norm("auto", cfg, pretrained=False) == (IMAGENET_MEAN, IMAGENET_STD, "imagenet")
+    assert resolve_norm("imagenet", cfg, pretrained=True)[2] == "imagenet"
+    # a normalisation recorded in the weights file wins over both
+    half = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert resolve_norm("auto", cfg, True, half) == (*half, "weights")
+    assert resolve_norm("auto", {}, False, half) == (*half, "weights")
+    assert resolve_norm("imagenet", {}, False, half)[2] == "imagenet"
+    with pytest.raises(ValueError, match="norm"):
+        resolve_norm("clip", cfg)
+
+
+def test_norm_default_follows_pretrained_cfg_and_weights_metadata(
+    sample_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--pretrained`` without a network: timm reads the "pretrained" weights from a local
+    file (``pretrained_cfg_overlay``), whose config says mean = std = 0.5."""
+    import timm
+    from pathflow.train.export import export_backbone
+
+    torch.manual_seed(7)
+    model = timm.create_model(ARCH, num_classes=0)
+    w = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), w)
+    create = timm.create_model
+
+    def offline(name: str, pretrained: bool = False, **kw: object) -> torch.nn.Module:
+        if pretrained:
+            kw["pretrained_cfg_overlay"] = {"file": str(w), "mean": (0.5,) * 3,
+                                            "std": (0.5,) * 3}  # fmt: skip
+        return create(name, pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    data, _ = shard_images(sample_shards)
+    pixels = decode_resize(data, 160).images
+    half = (0.5, 0.5, 0.5)
+    out = tmp_path / "pretrained"
+    assert run_cli("extract", sample_shards, "--arch", ARCH, "--pretrained", "--out", out,
+                   "-q") == 0  # fmt: skip
+    feats, _, attrs = read_h5(out / "features" / "cmu_small_region.h5")
+    assert attrs["mean"].tolist() == list(half) and attrs["std"].tolist() == list(half)
+    assert attrs["norm"] == "pretrained_cfg" and attrs["weights"] == "timm-pretrained"
+    np.testing.assert_allclose(feats, reference(pixels, mean=half, std=half, module=model),
+                               atol=1e-5)  # fmt: skip
+    # --norm imagenet still forces ImageNet's (a new setting: the slide is recomputed)
+    assert run_cli("extract", sample_shards, "--arch", ARCH, "--pretrained", "--out", out,
+                   "--norm", "imagenet", "-q") == 0  # fmt: skip
+    feats, _, attrs = read_h5(out / "features" / "cmu_small_region.h5")
+    np.testing.assert_allclose(attrs["mean"], IMAGENET_MEAN)
+    assert attrs["norm"] == "imagenet"
+    np.testing.assert_allclose(feats, reference(pixels, module=model), atol=1e-5)
+    # our export recording the training normalisation: used by default
+    exported = export_backbone(model, tmp_path / "e.safetensors", arch=ARCH, mean=half, std=half)
+    out = tmp_path / "exported"
+    assert run_cli("extract", sample_shards, "--arch", ARCH, "--weights", exported, "--out", out,
+                   "-q") == 0  # fmt: skip
+    feats, _, attrs = read_h5(out / "features" / "cmu_small_region.h5")
+    assert attrs["mean"].tolist() == list(half) and attrs["norm"] == "weights"
+    np.testing.assert_allclose(feats, reference(pixels, mean=half, std=half, module=model),
+                               atol=1e-5)  # fmt: skip
+
+
 def test_image_folders_and_undecodable_patches(
     tmp_path: Path, sample_shards: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -286,8 +417,8 @@ def test_decode_formats_match_pil(sample_shards: Path) -> None:
     )
     assert batch.ok.tolist() == [True] * 5 + [False] * 3
     ref = np.asarray(im.resize((160, 160), Image.BILINEAR))
-    for k in range(5):  # JPEG and PNG in Rust (rounding may differ by 1), the rest in PIL
-        assert np.abs(batch.images[k].astype(int) - ref).max() <= (1 if k < 2 else 0)
+    for k in range(5):  # JPEG, PNG, WebP in Rust (rounding may differ by 1), the rest in PIL
+        assert np.abs(batch.images[k].astype(int) - ref).max() <= (1 if k in (0, 1, 4) else 0)
     assert batch.reasons[5:] == [
         "empty image data",
         "not a recognised image (JPEG, PNG, TIFF, BMP, WebP)",

@@ -382,17 +382,20 @@ def test_killed_run_resumes_to_identical_shards(tmp_path: Path, cmu_path: Path) 
         assert x.with_suffix(".idx").read_text() == y.with_suffix(".idx").read_text()
 
 
-def test_png_format(tmp_path: Path, cmu_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_lossless_formats(tmp_path: Path, cmu_path: Path, fmt: str) -> None:
     out = tmp_path / "out"
-    assert run_cli("tile", cmu_path, "--out", out, "--shards", "--format", "png", "-q") == 0
+    assert run_cli("tile", cmu_path, "--out", out, "--shards", "--format", fmt, "-q") == 0
     samples = all_samples(out / "shards")
     assert len(samples) == 43
     import cv2
 
     files = next(iter(samples.values()))
-    assert set(files) == {"png", "json"}
+    assert set(files) == {fmt, "json"}
     meta = json.loads(files["json"])
-    img = np.asarray(Image.open(io.BytesIO(files["png"])).convert("RGB"))
+    with Image.open(io.BytesIO(files[fmt])) as im:
+        assert im.format == fmt.upper()
+        img = np.asarray(im.convert("RGB"))
     with open_slide(cmu_path, backend="openslide") as s:
         region = s.read_region((meta["x"], meta["y"]), 0, (257, 257))
     want = cv2.resize(region, (256, 256), interpolation=cv2.INTER_AREA)

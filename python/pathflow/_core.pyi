@@ -73,8 +73,8 @@ def encode_regions(
 def image_info(data: list[bytes]) -> tuple[npt.NDArray[np.int32], list[str | None]]:
     """(N, 2) array of (width, height), 0 where invalid; and per image None or the error reason.
 
-    Structural JPEG/PNG check only (header, 8-bit, 1 or 3 JPEG components, EOI / IEND at the
-    end); nothing is decoded.
+    Structural JPEG/PNG/WebP check only (header, 8-bit, 1 or 3 JPEG components, EOI / IEND
+    at the end, WebP RIFF chunk sizes; animated WebP refused); nothing is decoded.
     """
 
 def decode_views(

@@ -166,8 +166,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     a("--weights", default=S, help="our .safetensors export or a training/DINO checkpoint")
     _bool_flag(g, "pretrained", "load timm's pretrained weights (downloaded or cached)")  # type: ignore[arg-type]
     a("--image-size", type=int, default=S, help="input side in pixels (default: the model's)")
-    a("--norm", choices=["imagenet", "model"], default=S,
-      help="normalisation: ImageNet mean/std (default) or the model's pretrained_cfg")  # fmt: skip
+    a("--norm", choices=["auto", "model", "imagenet"], default=S,
+      help="normalisation: auto (default: the model's own mean/std with --pretrained or as "
+      "recorded in --weights, else ImageNet's), model, imagenet")  # fmt: skip
     a("--batch-size", type=int, default=S, help="images per forward pass (default 64)")
     a("--workers", type=int, default=S, help="read/decode threads (default 2)")
     a("--device", default=S, help="auto (default: cuda if available), cpu, cuda, cuda:1...")
@@ -235,8 +236,16 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pathflow.train.cli import add_train_parser  # argparse + a dataclass, no torch
+def _command(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named on the command line (the first word that is not an option)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
+    """The ``pathflow`` parser. The ``train`` options (built from the method registry, which
+    imports torch) are built only when ``command`` is ``train``."""
+    from pathflow.train.cli import add_train_parser, add_train_stub
 
     parser = argparse.ArgumentParser(
         prog="pathflow", description="Fast data engine for computational pathology."
@@ -244,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _tile_parser(sub)
-    add_train_parser(sub)
+    (add_train_parser if command == "train" else add_train_stub)(sub)
     _extract_parser(sub)
     _eval_parser(sub)
     _demo_parser(sub)
@@ -357,7 +366,7 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command(argv))
     ns = parser.parse_args(argv)
     if ns.version:
         from pathflow import __version__

@@ -90,11 +90,10 @@ def run_demo(cfg: DemoConfig) -> Path:
     _say(f"2/5 DINO pretraining of {cfg.arch} for {cfg.steps} steps ({cfg.device})")
     t = time.perf_counter()
     tcfg = TrainConfig(
-        method="dino", arch=cfg.arch, img_size=cfg.image_size, data=str(shards),
+        method="dino", arch=cfg.arch, img_size=cfg.image_size, data=str(out / "tiles"),
         out=str(out / "train"), steps=cfg.steps, batch_size=cfg.batch_size,
         global_size=cfg.image_size, local_size=cfg.local_size, num_local=cfg.num_local,
-        out_dim=4096, warmup_steps=max(1, cfg.steps // 10), warmup_teacher_temp_epochs=0.0,
-        freeze_last_layer=0.0, save_every=cfg.steps, log_every=5, device=cfg.device,
+        options={"out_dim": 4096}, save_every=cfg.steps, log_every=5, device=cfg.device,
         seed=cfg.seed, resume=True, tensorboard=False, lr=5e-3, num_workers=1,
     )  # fmt: skip
     summary = train(tcfg)

@@ -1,39 +1,95 @@
-"""Files written per slide: CLAM-compatible coordinates (HDF5), mask PNG, overlay JPEG.
+"""Files written per slide: CLAM-compatible coordinates (HDF5), mask PNG, overlay JPEG; and
+the atomic-write helpers every pathflow output goes through (torch-free).
 
-Every file is written to a temporary name in the destination folder and renamed into place,
-so a crash never leaves a half-written file under the final name.
+Every file is written to a temporary name in the destination folder, flushed and fsynced,
+then ``os.replace``-d over the destination, so a crash never leaves a half-written file under
+the final name (the previous file, if any, stays intact).
+
+Example:
+    >>> import tempfile, pathlib
+    >>> from pathflow.outputs import atomic_write_text
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> atomic_write_text(d / "a.txt", "hello")
+    >>> (d / "a.txt").read_text()
+    'hello'
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pathflow.grid import PatchGrid
-from pathflow.tissue import TissueSegmentation
+if TYPE_CHECKING:
+    from pathflow.grid import PatchGrid
+    from pathflow.tissue import TissueSegmentation
+
+
+def _temp_beside(dest: Path) -> tuple[int, Path]:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    return fd, Path(tmp)
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it to ``dest`` if the block succeeds."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+def atomic_open(dest: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``dest``; on success fsync it and rename it to ``dest``."""
+    fd, tmp_path = _temp_beside(Path(dest))
     try:
-        yield tmp_path
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest`` for a writer that takes a file name; if the
+    block succeeds, fsync the file and rename it to ``dest``."""
+    fd, tmp_path = _temp_beside(Path(dest))
+    os.close(fd)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(dest: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``dest`` atomically."""
+    with atomic_open(dest, "wb") as f:
+        f.write(text.encode())
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's content, read in ``chunk_size`` blocks (constant memory).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "x"
+        >>> _ = p.write_bytes(b"abc")
+        >>> sha256_file(p)[:16]
+        'ba7816bf8f01cfea'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_coords_h5(

@@ -7,8 +7,6 @@ by ``augment_torch.finish`` on the same uint8 crops.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -199,40 +197,3 @@ def test_bad_arguments_raise(jpegs: list[bytes]) -> None:
     big[2] = 11.0  # window 67 > 32 px
     with pytest.raises(InvalidArgumentError, match="sample 2: blur_sigma 11"):
         rust(crops, replace(p, blur_sigma=big), "float")
-
-
-def per_view_ms(f: Callable[[], object], n: int, reps: int = 3) -> float:
-    """Best of ``reps`` timed calls (after one warm-up), per view, in ms."""
-    f()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times) / n * 1e3
-
-
-def test_speed_against_torch(jpegs: list[bytes], stain_stats: StainStats) -> None:
-    """Time per 224-px view on one thread (printed, not asserted: the machine is shared)."""
-    threads = _core.num_threads()
-    torch_threads = torch.get_num_threads()
-    _core.set_num_threads(1)
-    torch.set_num_threads(1)
-    try:
-        cases = {
-            "colour+blur": replace(BASE, jitter=1.0, blur=1.0),
-            "simclr": create_views("simclr").groups[0],
-            "stain+hed+colour+blur": replace(BASE, randstain=1.0, hed=1.0, jitter=1.0, blur=1.0),
-        }
-        for name, spec in cases.items():
-            crops, p = draw(jpegs[:16], spec, seed=11, stats=stain_stats)
-            crops = np.ascontiguousarray(crops)
-            t_rust = per_view_ms(lambda: rust(crops, p, "float"), len(crops))  # noqa: B023
-            t_torch = per_view_ms(lambda: reference(crops, p, "float"), len(crops))  # noqa: B023
-            print(
-                f"\n{name}: rust {t_rust:.3f} ms/view, torch {t_torch:.3f} ms/view "
-                f"({t_torch / t_rust:.1f}x), 1 thread, 224 px"
-            )
-    finally:
-        _core.set_num_threads(threads)
-        torch.set_num_threads(torch_threads)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -433,19 +432,6 @@ def test_errors_are_clear(patches: list[np.ndarray]) -> None:
         run_dali(spec, make_batches(other, patches, None, [4]), batch_size=4)
 
 
-def test_cpu_throughput_two_view_224(patches: list[np.ndarray]) -> None:
-    """Not asserted: prints the DALI CPU pipeline's rate for SimCLR two-view 224."""
-    spec = create_views("simclr")
-    bs = 32
-    batches = make_batches(spec, patches, None, [bs] * 8, seed=7)
-    dv = DaliViews(spec, bs, device="cpu", output="float", num_threads=2)
-    list(dv.iterate(batches[:2]))  # build + warm up
-    t0 = time.perf_counter()
-    n = sum(len(raw) for _, raw in dv.iterate(batches))
-    dt = time.perf_counter() - t0
-    print(f"DALI CPU simclr 2x224, batch {bs}, 2 threads: {n / dt:.0f} images/s")
-
-
 # ------------------------------------------------------------ GPU (skipped without CUDA)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -508,19 +494,3 @@ def test_gpu_d4_exact_zero_copy_and_dtypes(patches: list[np.ndarray]) -> None:
     list(dv.iterate(many))
     torch.cuda.synchronize()
     assert all(torch.equal(x, y) for x, y in zip(kept, copies, strict=True))
-
-
-@needs_cuda
-def test_gpu_throughput_two_view_224(patches: list[np.ndarray]) -> None:
-    """Not asserted: prints the DALI GPU pipeline's rate for SimCLR two-view 224 (bf16)."""
-    spec = create_views("simclr")
-    bs = 256
-    pool = make_batches(spec, [patches[i % 43] for i in range(bs)], None, [bs] * 8, seed=13)
-    dv = DaliViews(spec, bs, device="gpu", output="bfloat16", num_threads=8, device_id=0)
-    list(dv.iterate(pool))  # build + warm up
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    n = sum(len(raw) for _, raw in dv.iterate(pool[i % 8] for i in range(100)))
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    print(f"DALI GPU simclr 2x224, batch {bs}, bf16: {n / dt:.0f} images/s")

@@ -61,20 +61,21 @@ def test_errors_name_the_path(tmp_path: Path) -> None:
         ShardSet([tmp_path / "missing.tar"])
 
 
+@pytest.mark.parametrize("mode", ["permutation", "buffer"])
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
-def test_ranks_cover_every_sample_once(world: int) -> None:
+def test_ranks_cover_every_sample_once(world: int, mode: str) -> None:
     counts = np.array([100, 37, 1, 64, 250])
     total = int(counts.sum())
     for epoch in range(3):
         parts = [
-            epoch_order(counts, epoch=epoch, seed=7, rank=r, world=world, buffer=50)
+            epoch_order(counts, epoch=epoch, seed=7, rank=r, world=world, mode=mode, buffer=50)
             for r in range(world)
         ]
         allidx = np.concatenate(parts)
         assert sorted(allidx.tolist()) == list(range(total))
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
         equal = [
-            epoch_order(counts, epoch=epoch, seed=7, rank=r, world=world, equal=True)
+            epoch_order(counts, epoch=epoch, seed=7, rank=r, world=world, mode=mode, equal=True)
             for r in range(world)
         ]
         assert {len(p) for p in equal} == {total // world}
@@ -89,6 +90,59 @@ def test_order_is_seeded_and_changes_per_epoch() -> None:
     assert not np.array_equal(a, epoch_order(counts, epoch=0, seed=2))
     plain = epoch_order(counts, epoch=0, seed=1, shuffle=False)
     assert np.array_equal(plain, np.arange(120))
+
+
+def _expected_distinct(sizes: np.ndarray, batch: int) -> float:
+    """E[#slides in a uniform random batch] = sum_s 1 - C(N - n_s, B) / C(N, B)."""
+    total = int(sizes.sum())
+    j = np.arange(batch)
+    return float(sum(1 - np.prod((total - n - j) / (total - j)) for n in sizes.tolist()))
+
+
+def _slides_per_batch(order: np.ndarray, slide_of: np.ndarray, batch: int) -> np.ndarray:
+    nb = len(order) // batch
+    ids = slide_of[order[: nb * batch]].reshape(nb, batch)
+    return np.asarray([len(np.unique(r)) for r in ids])
+
+
+def test_default_order_mixes_slides_of_sequential_shards() -> None:
+    """``pathflow tile --shards`` without --shuffle at its defaults (10,000 samples a shard,
+    slides one after another) and the loader's defaults (batch 64): a batch must draw from all
+    slides like a uniform random sample, on every rank. The shuffle buffer (8192 samples,
+    smaller than a shard) gives batches of about half of the slides."""
+    sizes = np.array([12000, 9000, 15000, 6000, 11000, 8000, 14000, 5000])  # 80,000 patches
+    slide_of = np.repeat(np.arange(len(sizes)), sizes)
+    counts = np.full(8, 10_000)  # shard k = patches 10,000 k .. 10,000 (k + 1) - 1
+    expected = _expected_distinct(sizes, 64)
+    assert 7.9 < expected < 8
+    for rank in range(2):
+        order = epoch_order(counts, epoch=0, seed=0, rank=rank, world=2, equal=True)
+        per_batch = _slides_per_batch(order, slide_of, 64)
+        assert abs(per_batch.mean() - expected) < 0.1 and per_batch.min() >= expected - 3
+        # the rank's share is a uniform random half: slide proportions within 5 sd
+        share = np.bincount(slide_of[order], minlength=len(sizes))
+        p = sizes / sizes.sum()
+        sd = np.sqrt(len(order) * p * (1 - p) * 0.5)  # hypergeometric, half of the population
+        assert (np.abs(share - len(order) * p) < 5 * sd).all()
+    old = epoch_order(counts, epoch=0, seed=0, rank=0, world=2, equal=True, mode="buffer")
+    assert _slides_per_batch(old, slide_of, 64).mean() < 0.65 * expected  # what it replaces
+
+
+def test_unknown_shuffle_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match="permutation"):
+        epoch_order(np.array([3]), epoch=0, seed=0, mode="random")
+
+
+def test_shuffled_flag_from_shards_json(tmp_path: Path, sample_shards: Path) -> None:
+    assert ShardSet(sample_shards).shuffled is False
+    assert ShardSet(sample_shards / "shards.json").shuffled is False
+    assert ShardSet([sample_shards / "shard-000000.tar"]).shuffled is None
+    for f in ("shard-000000.tar", "shard-000000.idx"):
+        (tmp_path / f).write_bytes((sample_shards / f).read_bytes())
+    assert ShardSet(tmp_path).shuffled is None  # a plain WebDataset directory
+    info = json.loads((sample_shards / "shards.json").read_text())
+    (tmp_path / "shards.json").write_text(json.dumps({**info, "shuffled": True}))
+    assert ShardSet(tmp_path).shuffled is True
 
 
 def test_shuffle_buffer_is_a_local_permutation() -> None:

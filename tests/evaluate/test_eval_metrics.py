@@ -1,4 +1,4 @@
-"""Metrics against values computed by hand (and scikit-learn where installed)."""
+"""Metrics (scikit-learn underneath) against values computed by hand."""
 
 from __future__ import annotations
 
@@ -44,18 +44,34 @@ def test_summary_metrics_by_hand() -> None:
     assert m.confusion == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
 
 
-def test_matches_sklearn() -> None:
-    sk = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 4, 200)
-    s = rng.dirichlet(np.ones(4), 200) + np.eye(4)[y] * 0.3
-    s /= s.sum(1, keepdims=True)
-    p = s.argmax(1)
-    m = classification_metrics(y, p, s, list("abcd"))
-    assert m.accuracy == pytest.approx(sk.accuracy_score(y, p))
-    assert m.balanced_accuracy == pytest.approx(sk.balanced_accuracy_score(y, p))
-    assert m.macro_f1 == pytest.approx(sk.f1_score(y, p, average="macro"))
-    assert m.macro_auc == pytest.approx(sk.roc_auc_score(y, s, multi_class="ovr"))
+def test_class_predicted_but_never_true() -> None:
+    # class c is predicted once and never true: out of balanced accuracy (no recall) and of
+    # the AUC average (no positives), in macro F1 with F1 = 0 (zero denominators count 0)
+    y, p = np.array([0, 0, 1, 1]), np.array([0, 2, 1, 1])
+    s = np.array([[0.8, 0.1, 0.1], [0.3, 0.2, 0.5], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    m = classification_metrics(y, p, s, ["a", "b", "c"])
+    assert m.accuracy == pytest.approx(3 / 4)
+    assert m.balanced_accuracy == pytest.approx((1 / 2 + 1) / 2)
+    # a: P 1, R 1/2 -> F1 2/3; b: P 1, R 1 -> 1; c: P 0 (0 of 1), R 0/0 -> 0
+    assert [c.precision for c in m.per_class] == pytest.approx([1, 1, 0])
+    assert [c.recall for c in m.per_class] == pytest.approx([0.5, 1, 0])
+    assert [c.f1 for c in m.per_class] == pytest.approx([2 / 3, 1, 0])
+    assert m.macro_f1 == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # a: positives .8, .3 vs negatives .1, .2 -> 4 of 4 pairs; b: .8, .7 vs .1, .2 -> 4 of 4
+    assert [c.auc for c in m.per_class] == [1.0, 1.0, None]
+    assert m.macro_auc == 1.0
+    assert [(c.support, c.predicted) for c in m.per_class] == [(2, 1), (2, 2), (0, 1)]
+    assert m.confusion == [[1, 0, 1], [0, 2, 0], [0, 0, 0]]
+
+
+def test_perfect_and_reversed_rankings() -> None:
+    assert binary_auc([False, False, True, True], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert binary_auc([True, True, False, False], [0.1, 0.2, 0.3, 0.4]) == 0.0
+    # one positive ranked above 2 of 3 negatives
+    assert binary_auc([False, True, False, False], [0.1, 0.5, 0.9, 0.3]) == pytest.approx(2 / 3)
+    m = classification_metrics([1, 1, 1], [1, 1, 0], None, ["a", "b"])
+    assert m.accuracy == pytest.approx(2 / 3) and m.balanced_accuracy == pytest.approx(2 / 3)
+    assert m.macro_auc is None and m.per_class[0].auc is None
 
 
 def test_auc_ties_count_half() -> None:

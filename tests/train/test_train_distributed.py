@@ -77,8 +77,10 @@ def test_ntxent_gathers_negatives_across_ranks(tmp_path: Path) -> None:
 def _method_cfg(method: str) -> TrainConfig:
     common: dict[str, Any] = {"arch": "vit_tiny_patch16_224", "img_size": 32, "steps": 10}
     if method == "dino":
-        return TrainConfig(method="dino", out_dim=128, drop_path_rate=0.0, **common).resolve()
-    return TrainConfig(method="simclr", proj_hidden_dim=64, proj_dim=16, **common).resolve()
+        dino = {"out_dim": 128}
+        return TrainConfig(method="dino", options=dino, drop_path_rate=0.0, **common).resolve()
+    simclr = {"proj_hidden_dim": 64, "proj_dim": 16}
+    return TrainConfig(method="simclr", options=simclr, **common).resolve()
 
 
 def _step_grads(model: torch.nn.Module, method: Any, views: list[torch.Tensor]) -> dict[str, Any]:
@@ -90,12 +92,13 @@ def _step_grads(model: torch.nn.Module, method: Any, views: list[torch.Tensor]) 
     out = model(views, 0)
     out["loss"].backward()
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
-    buffers = {n: b.clone() for n, b in method.named_buffers()}
     method.before_optimizer_step(0)
     opt.step()
-    method.after_step(0)
+    method.after_step(0)  # DINO: centre and teacher updates
+    buffers = {n: b.clone() for n, b in method.named_buffers()}
     return {"loss": out["loss"].detach(), "grads": grads, "buffers": buffers,
-            "state": method.state_dict()}  # fmt: skip
+            "state": method.state_dict(),
+            "not_broadcast": sorted(getattr(model, "parameters_to_ignore", []))}  # fmt: skip
 
 
 def _assert_close_norm(got: torch.Tensor, want: torch.Tensor, name: str, floor: float) -> None:
@@ -154,7 +157,12 @@ def test_ddp_gradients_match_one_process_on_the_global_batch(
         # DDP leaves the same averaged gradient on every rank
         torch.testing.assert_close(ranks[0]["grads"][name], ranks[1]["grads"][name])
         _assert_close_norm(ranks[0]["grads"][name], g, name, floor)
-    # DINO's centre (all-reduced teacher mean) / SimCLR's global BN statistics
+    # DINO's centre (all-reduced teacher mean, not re-broadcast by DDP every step) /
+    # SimCLR's global BN statistics
+    want = ["loss.center"] if method_name == "dino" else []
+    assert ranks[0]["not_broadcast"] == ranks[1]["not_broadcast"] == want
+    if method_name == "dino":
+        assert torch.count_nonzero(single["buffers"]["loss.center"]) > 0
     for name, buf in single["buffers"].items():
         _assert_close_norm(ranks[0]["buffers"][name], buf, name, 1e-6)
         _assert_close_norm(ranks[1]["buffers"][name], buf, name, 1e-6)
@@ -173,7 +181,7 @@ def _train_worker(rank: int, port: int, shards: str, out: str) -> None:
     _join(rank, port)
     cfg = TrainConfig(
         method="dino", arch="vit_tiny_patch16_224", img_size=32, global_size=32,
-        local_size=16, num_local=2, out_dim=128, data=shards, out=out, steps=2,
+        local_size=16, num_local=2, options={"out_dim": 128}, data=shards, out=out, steps=2,
         batch_size=4, loader_backend="torch", num_workers=0, tensorboard=False, device="cpu",
     )  # fmt: skip
     summary = train(cfg, progress=False)

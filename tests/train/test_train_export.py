@@ -20,7 +20,7 @@ ARCH = "vit_tiny_patch16_224"
 def _dino(img_size: int = 32) -> nn.Module:
     torch.manual_seed(0)
     net, dim = create_backbone(ARCH, img_size=img_size)
-    cfg = TrainConfig(method="dino", steps=10, out_dim=64).resolve()
+    cfg = TrainConfig(method="dino", steps=10, options={"out_dim": 64}).resolve()
     method = create_method("dino", net, dim, cfg)
     # make teacher and student differ, as after training
     with torch.no_grad():
@@ -116,7 +116,9 @@ def test_official_dino_checkpoint_layout(tmp_path: Path) -> None:
 def test_simclr_export_and_resnet50_trunc_through_timm(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net, dim = create_backbone("resnet50_trunc")
-    cfg = TrainConfig(method="simclr", steps=10, proj_hidden_dim=64, proj_dim=16).resolve()
+    cfg = TrainConfig(
+        method="simclr", steps=10, options={"proj_hidden_dim": 64, "proj_dim": 16}
+    ).resolve()
     method = create_method("simclr", net, dim, cfg)
     path = export_backbone(method, tmp_path / "trunc.safetensors", arch="resnet50_trunc")
     expected = net.state_dict()

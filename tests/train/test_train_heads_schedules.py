@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -49,17 +47,16 @@ def test_simclr_projection_head_layout() -> None:
 
 
 def test_cosine_schedule_values() -> None:
-    # dino's cosine_scheduler: final + 0.5 (base - final)(1 + cos(pi i / n))
-    got = cosine_schedule(0.996, 1.0, total_steps=5)
-    expected = [1.0 - 0.004 * 0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(5)]
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-15)
-    assert got[0] == 0.996
+    """dino's cosine_scheduler at known points: a half cosine over n steps takes the values
+    1, (1 + cos(pi/4)) / 2, 1/2, (1 - cos(pi/4)) / 2 for n = 4."""
+    got = cosine_schedule(1.0, 0.0, total_steps=4)
+    np.testing.assert_allclose(got, [1.0, 0.8535533905932737, 0.5, 0.14644660940672627])
+    # the teacher momentum 0.996 -> 1 is halfway (0.998) at the middle step
+    assert cosine_schedule(0.996, 1.0, total_steps=10)[5] == pytest.approx(0.998)
     # linear warmup 0 -> base over 3 steps (both ends), then cosine from base over 5 steps
     got = cosine_schedule(1e-3, 1e-6, total_steps=8, warmup_steps=3)
     np.testing.assert_allclose(got[:3], [0.0, 5e-4, 1e-3])
-    assert got[3] == 1e-3 and got[-1] == pytest.approx(
-        1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 4 / 5))
-    )
+    assert got[3] == 1e-3 and got[-1] == pytest.approx(9.639601130971382e-05)
     assert np.all(np.diff(got[3:]) < 0)
     # weight decay 0.04 -> 0.4 increases
     wd = cosine_schedule(0.04, 0.4, 100)

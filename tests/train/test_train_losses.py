@@ -104,6 +104,28 @@ def test_ntxent_matches_hand_computation(temperature: float) -> None:
     assert got.item() == pytest.approx(ntxent_by_hand(a, b, temperature), rel=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0])
+def test_ntxent_closed_form_for_orthogonal_pairs(temperature: float) -> None:
+    """N orthonormal images, both views identical: each anchor's positive has similarity 1,
+    its 2N - 2 negatives 0, so the loss is log(1 + (2N - 2) exp(-1 / t)) exactly."""
+    n = 4
+    z = torch.eye(n, 8)
+    got = NTXentLoss(temperature)(z, z.clone()).item()
+    want = math.log(1 + (2 * n - 2) * math.exp(-1 / temperature))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    # invariant to the scale of the embeddings (cosine similarity) and to batch order
+    perm = torch.tensor([2, 0, 3, 1])
+    assert NTXentLoss(temperature)(5 * z[perm], 0.5 * z[perm]).item() == pytest.approx(got)
+
+
+def test_dino_loss_closed_form_uniform_teacher() -> None:
+    """A constant teacher output gives a uniform target over K prototypes; a constant student
+    output gives a uniform prediction: the cross-entropy is log K for every pair."""
+    k = 7
+    loss = DINOLoss(out_dim=k, teacher_temps=[0.04])(torch.zeros(4 * 3, k), torch.ones(2 * 3, k), 0)
+    assert loss.item() == pytest.approx(math.log(k), rel=1e-6)
+
+
 def test_ntxent_perfect_pairs_beat_random_pairs_and_rejects_bad_temperature() -> None:
     a = torch.randn(16, 8)
     assert NTXentLoss(0.1)(a, a) < NTXentLoss(0.1)(a, torch.randn(16, 8))

@@ -41,6 +41,7 @@ SIMCLR_SMALL: dict[str, Any] = {
 
 
 def _cfg(shards: Path, out: Path, base: dict[str, Any], **kw: Any) -> TrainConfig:
+    """A CPU config; keys that are not shared fields are the method's options."""
     values = {
         "data": str(shards),
         "out": str(out),
@@ -53,7 +54,9 @@ def _cfg(shards: Path, out: Path, base: dict[str, Any], **kw: Any) -> TrainConfi
         **base,
         **kw,
     }
-    return TrainConfig(**values)
+    shared = set(TrainConfig.field_names())
+    options = {k: values.pop(k) for k in list(values) if k not in shared}
+    return TrainConfig(**values, options=options)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -139,13 +142,15 @@ def test_resume_reproduces_the_uninterrupted_run(
     sample_shards: Path, tmp_path: Path, base: dict[str, Any], stop: int
 ) -> None:
     """Batch 16: 2 batches per epoch. DINO stops after 2 steps, on an epoch end, so the
-    resumed run starts epoch 1; its last layer is frozen for 1.5 epochs (steps 0-2) and
+    resumed run starts epoch 1; its last layer is frozen for 3 steps (steps 0-2) and
     trains from step 3. SimCLR stops in the middle of epoch 1 (the loader resumes at its
     second batch). Stochastic depth draws from the restored RNG."""
     kw: dict[str, Any] = {
         "steps": 4, "batch_size": 16, "num_workers": 1, "warmup_steps": 1, "lr": 1e-3,
-        "drop_path_rate": 0.1, "freeze_last_layer": 1.5,
+        "drop_path_rate": 0.1,
     }  # fmt: skip
+    if base["method"] == "dino":
+        kw["freeze_last_layer_steps"] = 3
     full = tmp_path / "full"
     train(_cfg(sample_shards, full, base, **kw), progress=False)
 
@@ -196,7 +201,8 @@ def test_cli_train_runs_and_reports_errors(
     yaml_file.write_text("method: simclr\narch: resnet18\nbatch_size: 4\nsteps: 50\n")
     args = [
         "train", "--config", str(yaml_file), "--data", str(sample_shards), "--out", str(out),
-        "--steps", "2", "--global-size", "32", "--proj-hidden-dim", "64", "--proj-dim", "16",
+        "--steps", "2", "--global-size", "32", "--simclr.proj-hidden-dim", "64",
+        "--simclr.proj-dim", "16",
         "--loader-backend", "torch", "--num-workers", "0", "--no-tensorboard", "-q",
         "--device", "cpu",
     ]  # fmt: skip
@@ -209,3 +215,110 @@ def test_cli_train_runs_and_reports_errors(
     assert main(args) == 2
     assert "pathflow train: error:" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0  # already finished: nothing to do
+    assert "already finished" in capsys.readouterr().err
+    # a bad value in one line naming the option
+    assert main([*args, "--resume", "--simclr.temperature", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "temperature must be > 0" in err
+
+
+def _strict_json(path: Path) -> dict[str, Any]:
+    """JSON as other tools read it: NaN/Infinity are not JSON."""
+
+    def reject(token: str) -> None:
+        raise ValueError(f"{path}: {token} is not valid JSON")
+
+    data: dict[str, Any] = json.loads(path.read_text(), parse_constant=reject)
+    return data
+
+
+def test_stop_after_counts_from_where_the_job_starts(sample_shards: Path, tmp_path: Path) -> None:
+    """A job loop re-submitting ``--resume --stop-after 2`` advances 2 steps each time, then
+    says the run is finished and leaves a valid summary.json."""
+    out = tmp_path / "jobs"
+    kw: dict[str, Any] = {"steps": 5, "stop_after": 2, "save_every": 100}
+    done = [train(_cfg(sample_shards, out, DINO_SMALL, resume=True, **kw), progress=False)
+            for _ in range(4)]  # fmt: skip
+    assert [(s.start_step, s.steps, s.finished) for s in done[:3]] == [
+        (0, 2, False), (2, 4, False), (4, 5, True),
+    ]  # fmt: skip
+    assert done[3] == done[2]  # finished: nothing ran, the run's summary is returned
+    assert sorted(_losses(out)) == [1, 2, 3, 4, 5]
+    summary = _strict_json(out / "summary.json")
+    assert summary["finished"] and summary["steps"] == 5
+    assert summary["final_loss"] == pytest.approx(_losses(out)[5])
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 5
+
+
+def test_resume_refuses_changed_settings_and_data(sample_shards: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pathflow.exceptions import ConfigError
+
+    out = tmp_path / "run"
+    kw: dict[str, Any] = {"steps": 4}
+    train(_cfg(sample_shards, out, DINO_SMALL, stop_after=1, **kw), progress=False)
+    config_before = (out / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as err:
+        train(_cfg(sample_shards, out, DINO_SMALL, resume=True, lr=1e-2, **kw), progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "lr = 0.01" in msg and "--allow-changed lr" in msg
+    with pytest.raises(ConfigError, match=r"dino\.out_dim"):
+        train(_cfg(sample_shards, out, {**DINO_SMALL, "out_dim": 128}, resume=True, **kw))
+    assert (out / "config.yaml").read_text() == config_before  # not overwritten
+    # re-tiled data (another shards.json) under the same path
+    data = tmp_path / "data"
+    shutil.copytree(sample_shards, data)
+    # the same data elsewhere: allowed (run control); run-control options may change too
+    s = train(
+        _cfg(data, out, DINO_SMALL, resume=True, stop_after=1, log_every=2, **kw), progress=False
+    )
+    assert s.steps == 2
+    manifest = data / "shards.json"
+    manifest.write_text(manifest.read_text().replace('"shuffled": false', '"shuffled": true'))
+    with pytest.raises(ConfigError, match="training data changed"):
+        train(_cfg(data, out, DINO_SMALL, resume=True, **kw), progress=False)
+    # explicit override
+    s = train(
+        _cfg(sample_shards, out, DINO_SMALL, resume=True, lr=1e-2, allow_changed=["lr"], **kw),
+        progress=False,
+    )
+    assert s.steps == 4 and s.finished
+    assert "lr: 0.01" in (out / "config.yaml").read_text()
+
+
+def test_batches_mix_slides_and_data_may_be_the_tile_folder(
+    two_slide_shards: Path, tmp_path: Path
+) -> None:
+    """Shards written one slide after another (43 + 75 patches, one slide per shard): every
+    training batch of 16 holds both slides (a uniform batch is single-slide with probability
+    < 1e-3), and the run reads the tile output folder given as --data."""
+    from pathflow.train.trainer import resolve_data
+
+    tile_out = two_slide_shards.parent
+    assert resolve_data(str(tile_out)) == two_slide_shards
+    assert resolve_data(str(two_slide_shards)) == two_slide_shards
+    out = tmp_path / "mix"
+    cfg = _cfg(tile_out, out, SIMCLR_SMALL, steps=4, batch_size=16, global_size=32)
+    s = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["slides_per_batch"] for r in rows] == [2, 2, 2, 2]
+    assert (s.slides_per_batch_mean, s.slides_per_batch_min) == (2.0, 2)
+
+
+def test_non_finite_step_leaves_the_dino_centre(sample_shards: Path, tmp_path: Path) -> None:
+    """The README's promise: a NaN/inf loss stops the run before any update, the centre
+    included."""
+    from pathflow.train.distributed import DistInfo
+    from pathflow.train.trainer import train_step
+
+    cfg = _cfg(sample_shards, tmp_path, DINO_SMALL, steps=2).resolve()
+    method = build_method(cfg, CPU)
+    opt = build_optimizer(method, cfg, CPU)
+    views = [torch.full((2, 3, 32, 32), float("nan"))] * 2 + [torch.zeros(2, 3, 16, 16)] * 2
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=CPU)
+    before = [p.detach().clone() for p in method.parameters()]
+    with pytest.raises(NonFiniteLossError):
+        train_step(method, method, opt, views, 0, cfg, info, lr=1e-3, wd=0.0)
+    assert torch.count_nonzero(method.loss.center) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, method.parameters(), strict=True))

@@ -8,7 +8,9 @@ iterator through ``fn.external_source`` (so DALI's prefetching overlaps the read
 ``[B, 3, S, S]`` torch tensors per view together with the batch they came from.
 
 Graph, per image: decode once (``device="mixed"``: nvJPEG on the GPU; ``"cpu"``:
-libjpeg-turbo), then per view:
+libjpeg-turbo; PNG and WebP samples, e.g. of ``pathflow tile --shards --format webp``, go to
+DALI's CPU decoders in either mode: lossless WebP gives PIL's pixels exactly. DALI reads only
+simple-format WebP, which is what pathflow writes, not extended ``VP8X`` files), then per view:
 
 - crop + resize in one ``fn.resize`` (ROI = the view's box in (y, x) order, antialiased linear,
   uint8 out, like PIL's ``resize(box=...)``);

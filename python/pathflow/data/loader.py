@@ -12,12 +12,21 @@ sequence does not depend on the number of workers.
   run in one fused Rust kernel per view in the workers on CPU (``_core.augment_views``), or
   in torch on the GPU in the main process when ``device="cuda"`` (:mod:`augment_torch`).
 
+Order: by default each rank reads its share of a seeded global permutation of all samples
+(``shuffle_mode="permutation"``), so batches mix all slides even when the shards hold the
+slides one after another; ``shuffle_mode="buffer"`` streams shards through a shuffle buffer
+instead. ``loader.stats`` counts samples, batches, skipped images and the distinct slides per
+batch (``slides_per_batch_mean``, ``slides_per_batch_min``).
+
 Example:
     >>> from pathflow.data import make_loader
     >>> loader = make_loader("out/shards", views="simclr", batch_size=32)  # doctest: +SKIP
     >>> for batch in loader:  # doctest: +SKIP
     ...     v1, v2 = batch.views          # [32, 3, 224, 224] float32, normalised
     ...     slides = batch.meta["slide"]
+    >>> st = loader.stats  # doctest: +SKIP
+    >>> st["slides_per_batch_mean"], st["slides_per_batch_min"]  # doctest: +SKIP
+    (11.8, 7)
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pathflow.data.batch import Batch, RawBatch
-from pathflow.data.shardset import ShardSet, epoch_order
+from pathflow.data.shardset import SHUFFLE_MODES, ShardSet, epoch_order
 from pathflow.data.views import StainStats, ViewsSpec, create_views, sample_batch_params
 
 log = logging.getLogger("pathflow.data")
@@ -45,13 +54,21 @@ OUTPUTS = ("float", "bfloat16", "uint8")
 
 @dataclass
 class LoaderConfig:
-    """Everything that defines the sample stream (saved with checkpoints and runs)."""
+    """Everything that defines the sample stream (saved with checkpoints and runs).
+
+    ``shuffle_mode``: ``"permutation"`` (default: each rank reads its share of a seeded
+    permutation of all samples, so every batch mixes all slides) or ``"buffer"`` (shards
+    streamed through a shuffle buffer of ``shuffle_buffer`` samples; only for inputs that must
+    be read sequentially: over shards holding one slide after another, larger than the buffer,
+    a batch then comes from one or two slides). See :func:`~pathflow.data.epoch_order`.
+    """
 
     batch_size: int = 64
     seed: int = 0
     rank: int = 0
     world_size: int = 1
     shuffle: bool = True
+    shuffle_mode: str = "permutation"
     shuffle_buffer: int = 8192
     drop_last: bool = True
     output: str = "float"
@@ -145,6 +162,7 @@ class Plan:
             rank=cfg.rank,
             world=cfg.world_size,
             shuffle=cfg.shuffle,
+            mode=cfg.shuffle_mode,
             buffer=cfg.shuffle_buffer,
             equal=cfg.drop_last,
         )
@@ -164,8 +182,32 @@ def num_batches(n_samples: int, cfg: LoaderConfig) -> int:
     return math.ceil(per_rank / cfg.batch_size)
 
 
+def _check_order(shardset: ShardSet, cfg: LoaderConfig) -> None:
+    """Validate the shuffle mode and warn when a buffer over unshuffled shards is too small."""
+    if cfg.shuffle_mode not in SHUFFLE_MODES:
+        raise ValueError(f"shuffle_mode must be one of {SHUFFLE_MODES}, got {cfg.shuffle_mode!r}")
+    if not cfg.shuffle or cfg.shuffle_mode != "buffer" or shardset.shuffled is not False:
+        return
+    largest = int(shardset.counts.max())
+    if largest > cfg.shuffle_buffer:
+        log.warning(
+            "shuffle_mode='buffer' over shards written one slide after another (shards.json "
+            "'shuffled': false) with shards of up to %d samples and a buffer of %d: batches "
+            "will come from few slides; use shuffle_mode='permutation' (the default) or tile "
+            "with --shuffle",
+            largest,
+            cfg.shuffle_buffer,
+        )
+
+
 class Loader:
-    """Iterable over :class:`~pathflow.data.batch.Batch` es; see :func:`make_loader`."""
+    """Iterable over :class:`~pathflow.data.batch.Batch` es; see :func:`make_loader`.
+
+    ``stats`` (cumulative over the batches yielded, kept across :meth:`load_state_dict`):
+    ``samples``, ``batches``, ``skipped`` (corrupt images replaced), and
+    ``slides_per_batch_mean`` / ``slides_per_batch_min``, the mean and minimum number of
+    distinct ``meta["slide"]`` values per batch (0 before the first batch).
+    """
 
     def __init__(
         self,
@@ -174,13 +216,21 @@ class Loader:
         cfg: LoaderConfig,
         stain_stats: StainStats | None = None,
     ) -> None:
+        _check_order(shardset, cfg)
         self.shardset = shardset
         self.spec = spec
         self.cfg = cfg
         self.stain_stats = stain_stats
         self.epoch = 0
         self._next = 0  # next batch index of self.epoch
-        self.stats = {"samples": 0, "batches": 0, "skipped": 0}
+        self.stats: dict[str, int | float] = {
+            "samples": 0,
+            "batches": 0,
+            "skipped": 0,
+            "slides_per_batch_mean": 0.0,
+            "slides_per_batch_min": 0,
+        }
+        self._slides = [0, 0]  # distinct slides summed over batches, batches counted
         self.skipped_keys: list[str] = []
         self._dali: Any = None
 
@@ -197,7 +247,7 @@ class Loader:
         return (
             f"Loader({len(self.shardset)} samples, {len(self)} batches of {c.batch_size}, "
             f"views={self.spec.name} x{self.spec.num_views}, backend={c.backend}, "
-            f"device={c.device}, rank {c.rank}/{c.world_size})"
+            f"device={c.device}, shuffle_mode={c.shuffle_mode}, rank {c.rank}/{c.world_size})"
         )
 
     # ------------------------------------------------------------------ state
@@ -216,19 +266,54 @@ class Loader:
             "batch_size": c.batch_size,
             "world_size": c.world_size,
             "rank": c.rank,
+            "shuffle_mode": c.shuffle_mode if c.shuffle else "none",
             "stats": dict(self.stats),
+            "slides": list(self._slides),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         c = self.cfg
         for k in ("seed", "batch_size", "world_size"):
-            if state.get(k) != getattr(c, k if k != "world_size" else "world_size"):
+            if state.get(k) != getattr(c, k):
                 raise ValueError(
                     f"cannot resume loader: {k} was {state.get(k)}, now {getattr(c, k)}"
                 )
+        mode = c.shuffle_mode if c.shuffle else "none"
+        if "shuffle_mode" in state and state["shuffle_mode"] != mode:
+            raise ValueError(
+                f"cannot resume loader: shuffle_mode was {state['shuffle_mode']}, now {mode}"
+            )
+        if "shuffle_mode" not in state and int(state["batch"]) > 0 and mode == "permutation":
+            log.warning(
+                "resuming epoch %s at batch %s from a loader state saved with the older "
+                "shuffle-buffer order: the rest of this epoch follows the permutation order "
+                "(some samples may repeat or be missed until the next epoch)",
+                state["epoch"],
+                state["batch"],
+            )
         self.epoch = int(state["epoch"])
         self._next = int(state["batch"])
         self.stats.update(state.get("stats", {}))
+        slides = state.get("slides")
+        self._slides = [int(slides[0]), int(slides[1])] if slides else [0, 0]
+        if not slides:  # a state without slide counts: they restart from here
+            self.stats["slides_per_batch_mean"] = 0.0
+            self.stats["slides_per_batch_min"] = 0
+
+    def _count(self, batch: Batch) -> None:
+        """Add a yielded batch to ``stats``."""
+        st = self.stats
+        st["batches"] += 1
+        st["samples"] += len(batch)
+        if batch.skipped:
+            st["skipped"] += len(batch.skipped)
+            self.skipped_keys.extend(batch.skipped)
+        n = len(set(batch.meta["slide"]))
+        first = self._slides[1] == 0
+        self._slides[0] += n
+        self._slides[1] += 1
+        st["slides_per_batch_mean"] = self._slides[0] / self._slides[1]
+        st["slides_per_batch_min"] = n if first else min(int(st["slides_per_batch_min"]), n)
 
     # -------------------------------------------------------------- iteration
     def _raw_batches(self, plan: Plan, start: int, step: int = 1) -> Iterator[RawBatch]:
@@ -262,11 +347,7 @@ class Loader:
         )
         for batch in it:
             self._next = batch.index + 1
-            self.stats["batches"] += 1
-            self.stats["samples"] += len(batch)
-            if batch.skipped:
-                self.stats["skipped"] += len(batch.skipped)
-                self.skipped_keys.extend(batch.skipped)
+            self._count(batch)
             yield batch
         self.epoch += 1
         self._next = 0
@@ -358,6 +439,7 @@ def make_loader(
     output: str = "float",
     drop_last: bool = True,
     shuffle: bool = True,
+    shuffle_mode: str = "permutation",
     shuffle_buffer: int = 8192,
     stain_stats: StainStats | dict[str, Any] | None = None,
 ) -> Loader:
@@ -377,12 +459,22 @@ def make_loader(
         output: ``"float"`` (normalised float32), ``"bfloat16"`` or ``"uint8"`` (0..255).
         drop_last: equal batch counts on every rank and no partial batches; with False every
             sample is visited exactly once per epoch.
+        shuffle: False reads the shards in order (each rank a contiguous part).
+        shuffle_mode: ``"permutation"`` (default): each rank reads its share of a seeded
+            permutation of all samples, so every batch mixes all slides whatever the shard
+            layout. ``"buffer"``: shards in seeded order through a shuffle buffer of
+            ``shuffle_buffer`` samples, for inputs that must be streamed; over shards that
+            hold one slide after another (``ShardSet.shuffled`` False) and are larger than
+            the buffer, batches come from one or two slides (a warning says so).
+        shuffle_buffer: buffer size of ``shuffle_mode="buffer"``.
         stain_stats: RandStainNA statistics; fitted on the shards when a view needs them.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle_mode not in SHUFFLE_MODES:
+        raise ValueError(f"shuffle_mode must be one of {SHUFFLE_MODES}, got {shuffle_mode!r}")
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     spec = create_views(views)
     if device == "auto":
@@ -420,6 +512,7 @@ def make_loader(
         rank=rank,
         world_size=world_size,
         shuffle=shuffle,
+        shuffle_mode=shuffle_mode,
         shuffle_buffer=shuffle_buffer,
         drop_last=drop_last,
         output=output,

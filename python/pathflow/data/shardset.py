@@ -6,15 +6,28 @@ WebDataset (tars with ``<key>.jpg``/``.png`` plus optional ``.json``/``.cls``; t
 built by scanning the tar headers once). Samples are read with ``os.pread`` straight from the
 tar, so nothing is extracted and workers can jump to any sample.
 
-The order of an epoch (:func:`epoch_order`) is a pure function of (seed, epoch, rank, world):
-shards are permuted, their samples concatenated, cut into ``world`` contiguous equal parts (one
-per rank: every sample exactly once per epoch), and each rank's part is streamed through a
-seeded shuffle buffer. Batches are then dealt to DataLoader workers round-robin, so the batch
-sequence does not depend on the number of workers and a run can resume at any batch.
+The order of an epoch (:func:`epoch_order`) is a pure function of (seed, epoch, rank, world).
+By default (``mode="permutation"``) all samples are permuted at random (seeded by seed and
+epoch, the same on every rank) and the permutation is cut into ``world`` equal parts, one per
+rank: every sample exactly once per epoch, and every rank, every batch, draws from all slides
+in their proportions, even when ``pathflow tile --shards`` wrote the slides one after another
+(samples are read by random access, so this costs nothing). ``mode="buffer"`` is the
+streaming order for inputs read sequentially: shards permuted, their samples concatenated, cut
+into contiguous parts, each streamed through a seeded shuffle buffer; over unshuffled shards
+larger than the buffer a batch then holds patches of one or two slides only. Batches are
+dealt to DataLoader workers round-robin, so the batch sequence does not depend on the number
+of workers and a run can resume at any batch.
 
 Example:
+    >>> import numpy as np
+    >>> counts = np.array([5, 3])  # two shards
+    >>> a = epoch_order(counts, epoch=0, seed=0, rank=0, world=2)
+    >>> b = epoch_order(counts, epoch=0, seed=0, rank=1, world=2)
+    >>> sorted(np.concatenate([a, b]).tolist())
+    [0, 1, 2, 3, 4, 5, 6, 7]
     >>> ss = ShardSet("out/shards")  # doctest: +SKIP
-    >>> order = epoch_order(ss.counts, epoch=0, seed=0, rank=0, world=2)  # doctest: +SKIP
+    >>> ss.shuffled  # True when tiled with ``--shards --shuffle``  # doctest: +SKIP
+    False
 """
 
 from __future__ import annotations
@@ -30,7 +43,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHUFFLE_MODES = ("permutation", "buffer")
 I64 = npt.NDArray[np.int64]
 
 
@@ -110,31 +124,44 @@ def scan_tar(tar: Path) -> ShardIndex:
     return _from_records(tar, records)
 
 
-def _shard_paths(source: str | Path | Sequence[str | Path]) -> list[Path]:
+def _shard_paths(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], bool | None]:
+    """The tars of ``source`` and the ``shuffled`` flag of its ``shards.json`` (None: none)."""
     if isinstance(source, (str, Path)):
         p = Path(source)
         if p.is_dir():
             manifest = p / "shards.json"
             if manifest.is_file():
                 info = json.loads(manifest.read_text())
-                return [p / s["name"] for s in info["shards"]]
+                shuffled = info.get("shuffled")
+                flag = bool(shuffled) if isinstance(shuffled, bool) else None
+                return [p / s["name"] for s in info["shards"]], flag
             tars = sorted(p.glob("*.tar"))
             if not tars:
                 raise FileNotFoundError(f"{p}: no shards.json and no .tar shards")
-            return tars
+            return tars, None
         if p.name == "shards.json":
             return _shard_paths(p.parent)
         if p.suffix == ".tar":
-            return [p]
+            return [p], None
         raise FileNotFoundError(f"{p}: not a shard directory, shards.json or .tar")
-    return [Path(s) for s in source]
+    return [Path(s) for s in source], None
 
 
 class ShardSet:
-    """All samples of a list of shards, addressable by a global index."""
+    """All samples of a list of shards, addressable by a global index.
+
+    ``shuffled`` is the ``shuffled`` field of ``shards.json`` (True when ``pathflow tile
+    --shards --shuffle`` interleaved the slides across shards, False when it wrote them one
+    after another), or None when unknown (a plain WebDataset, a list of tars).
+
+    Example:
+        >>> ss = ShardSet("out/shards")  # doctest: +SKIP
+        >>> len(ss), ss.counts, ss.shuffled  # doctest: +SKIP
+        (43, array([43]), False)
+    """
 
     def __init__(self, source: str | Path | Sequence[str | Path]) -> None:
-        paths = _shard_paths(source)
+        paths, self.shuffled = _shard_paths(source)
         self.shards: list[ShardIndex] = []
         for tar in paths:
             if not tar.is_file():
@@ -247,6 +274,7 @@ def epoch_order(
     rank: int = 0,
     world: int = 1,
     shuffle: bool = True,
+    mode: str = "permutation",
     buffer: int = 8192,
     equal: bool = False,
 ) -> I64:
@@ -255,17 +283,39 @@ def epoch_order(
     Every sample belongs to exactly one rank. With ``equal`` every rank gets ``N // world``
     samples (the few left over this epoch are skipped; they differ from epoch to epoch), which
     keeps DDP ranks in lock-step.
+
+    ``mode="permutation"`` (default): a seeded permutation of all ``N`` samples (the same on
+    every rank) cut into ``world`` parts, so each rank's share is a uniform random subset in
+    random order and each batch mixes all shards (slides). ``mode="buffer"``: shards permuted,
+    cut into contiguous parts, each streamed through a shuffle buffer of ``buffer`` samples
+    (for sequential, streaming reads; a batch only mixes shards within ``buffer`` samples of
+    each other). ``shuffle=False``: shard order, contiguous parts, in either mode.
+
+    Example:
+        >>> import numpy as np
+        >>> epoch_order(np.array([4, 4]), epoch=0, seed=0, shuffle=False, world=2, rank=1)
+        array([4, 5, 6, 7])
+        >>> len(epoch_order(np.array([4, 3]), epoch=0, seed=0, world=2, equal=True))
+        3
     """
+    if mode not in SHUFFLE_MODES:
+        raise ValueError(f"shuffle mode must be one of {SHUFFLE_MODES}, got {mode!r}")
     counts = np.asarray(counts, dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    total = int(counts.sum())
     rng = np.random.default_rng([seed, epoch, 0x5EED])
-    shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
-    seq = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shard_order])
+    if shuffle and mode == "permutation":
+        seq = rng.permutation(total).astype(np.int64)
+    else:
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        shard_order = rng.permutation(len(counts)) if shuffle else np.arange(len(counts))
+        seq = np.concatenate(
+            [np.arange(starts[s], starts[s + 1], dtype=np.int64) for s in shard_order]
+        )
     if equal:
         per = len(seq) // world
         part = seq[rank * per : (rank + 1) * per]
     else:
         part = np.array_split(seq, world)[rank]
-    if shuffle:
+    if shuffle and mode == "buffer":
         part = shuffle_buffer(part, buffer, np.random.default_rng([seed, epoch, rank, 0xB0F]))
-    return part.astype(np.int64)
+    return np.array(part, dtype=np.int64)  # a copy: the full permutation is freed

@@ -70,11 +70,14 @@ class EvalConfig(ModelOptions, YamlConfig):
             raise ConfigError("--max-per-class must be >= 1")
 
     def model_key(self) -> dict[str, Any]:
-        """Fields that change the features (the cache key)."""
+        """Fields that change the features (the cache key): the weights by content (sha256 of
+        the file; hashed on each call, so call it once per run)."""
+        from pathflow.outputs import sha256_file
+
         return {
             "arch": self.arch,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
-            "weights_mtime": Path(self.weights).stat().st_mtime_ns if self.weights else None,
+            "weights_sha256": sha256_file(self.weights) if self.weights else None,
             "pretrained": self.pretrained,
             "image_size": self.image_size,
             "norm": self.norm,

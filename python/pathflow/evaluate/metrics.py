@@ -1,10 +1,11 @@
 """Classification metrics for patch-level evaluation (KNN and linear probes).
 
-Plain numpy, with scikit-learn's conventions: balanced accuracy is the mean recall over the
-classes present in ``y_true``; macro F1 averages over the classes present in ``y_true`` or
-``y_pred`` (an F1 with a zero denominator counts as 0); the macro one-vs-rest AUC averages
-the per-class ROC AUCs (ties scored 1/2) over the classes that have both positives and
-negatives in ``y_true``.
+Computed with :mod:`sklearn.metrics` (``pip install ".[eval]"``): accuracy, balanced accuracy
+(mean recall over the classes present in ``y_true``), macro F1 (over the classes present in
+``y_true`` or ``y_pred``; an F1 with a zero denominator counts as 0), per-class precision /
+recall / F1 / support, the confusion matrix, and the macro one-vs-rest ROC AUC: the unweighted
+mean of the per-class binary AUCs (ties scored 1/2) over the classes that have both positives
+and negatives in ``y_true`` (classes without are ``None``, as in the per-class table).
 
 Example:
     >>> import numpy as np
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,36 +28,39 @@ import numpy as np
 import numpy.typing as npt
 
 IntArray = npt.NDArray[np.int64]
-FloatArray = npt.NDArray[np.floating[Any]]
 
 
-def confusion_matrix(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_classes: int) -> IntArray:
-    """``C[i, j]`` = number of samples of true class ``i`` predicted as ``j``."""
+def _sk() -> Any:
+    try:
+        import sklearn.metrics
+    except ImportError as exc:  # pragma: no cover - scikit-learn is in the [eval] extra
+        raise ImportError('pathflow eval needs scikit-learn: pip install "pathflow[eval]"') from exc
+    return sklearn.metrics
+
+
+def _labels(
+    y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_classes: int
+) -> tuple[IntArray, IntArray]:
     t = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(y_pred, dtype=np.int64)
     if t.shape != p.shape or t.ndim != 1:
         raise ValueError(f"y_true {t.shape} and y_pred {p.shape} must be equal-length 1-D")
     if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= n_classes):
         raise ValueError(f"labels must lie in 0..{n_classes - 1}")
-    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(
-        n_classes, n_classes
-    )
+    return t, p
 
 
-def per_class_prf(cm: IntArray) -> tuple[FloatArray, FloatArray, FloatArray]:
-    """Precision, recall and F1 per class from a confusion matrix (0 where undefined)."""
-    tp = np.diag(cm).astype(np.float64)
-    pred = cm.sum(0).astype(np.float64)
-    true = cm.sum(1).astype(np.float64)
-    precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
-    recall = np.divide(tp, true, out=np.zeros_like(tp), where=true > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return precision, recall, f1
+def confusion_matrix(y_true: npt.ArrayLike, y_pred: npt.ArrayLike, n_classes: int) -> IntArray:
+    """``C[i, j]`` = number of samples of true class ``i`` predicted as ``j``."""
+    t, p = _labels(y_true, y_pred, n_classes)
+    if not t.size:
+        return np.zeros((n_classes, n_classes), np.int64)
+    cm = _sk().confusion_matrix(t, p, labels=np.arange(n_classes))
+    return np.asarray(cm, dtype=np.int64)
 
 
 def binary_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float:
-    """ROC AUC of ``scores`` for the boolean ``positive`` (Mann-Whitney U, ties count 1/2).
+    """ROC AUC of ``scores`` for the boolean ``positive`` (ties count 1/2).
 
     Returns NaN when there are no positives or no negatives.
 
@@ -64,26 +69,10 @@ def binary_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float:
         0.625
     """
     pos = np.asarray(positive, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
     n_pos = int(pos.sum())
-    n_neg = pos.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_pos == pos.size:
         return math.nan
-    ranks = _average_ranks(s)
-    u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def _average_ranks(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """1-based ranks, tied values sharing the mean of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
-    ends = np.r_[starts[1:], xs.size]
-    mean_rank = (starts + ends + 1) / 2.0  # mean of ranks start+1 .. end
-    ranks = np.empty(x.size, np.float64)
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
+    return float(_sk().roc_auc_score(pos, np.asarray(scores, dtype=np.float64)))
 
 
 @dataclass
@@ -131,17 +120,13 @@ def classification_metrics(
     ``scores`` is (N, C): KNN vote shares or probe probabilities (any monotone score works
     for AUC); ``None`` skips AUC.
     """
+    sk = _sk()
     names = list(class_names)
     c = len(names)
-    t = np.asarray(y_true, dtype=np.int64)
-    p = np.asarray(y_pred, dtype=np.int64)
-    cm = confusion_matrix(t, p, c)
+    t, p = _labels(y_true, y_pred, c)
     n = int(t.size)
-    precision, recall, f1 = per_class_prf(cm)
-    support = cm.sum(1)
-    predicted = cm.sum(0)
-    present = support > 0
-    in_either = present | (predicted > 0)
+    cm = confusion_matrix(t, p, c)
+    labels = np.arange(c)
     aucs = np.full(c, math.nan)
     if scores is not None:
         s = np.asarray(scores, dtype=np.float64)
@@ -150,6 +135,19 @@ def classification_metrics(
         for k in range(c):
             aucs[k] = binary_auc(t == k, s[:, k])
     defined = ~np.isnan(aucs)
+    zeros = np.zeros(c)
+    precision, recall, f1, support = zeros, zeros, zeros, zeros
+    accuracy = balanced = macro_f1 = math.nan
+    if n:
+        precision, recall, f1, support = sk.precision_recall_fscore_support(
+            t, p, labels=labels, zero_division=0
+        )
+        accuracy = float(sk.accuracy_score(t, p))
+        with warnings.catch_warnings():  # "y_pred contains classes not in y_true"
+            warnings.simplefilter("ignore", UserWarning)
+            balanced = float(sk.balanced_accuracy_score(t, p))
+        macro_f1 = float(sk.f1_score(t, p, average="macro", zero_division=0))
+    predicted = cm.sum(0)
     per_class = [
         ClassMetrics(
             name=names[k],
@@ -164,9 +162,9 @@ def classification_metrics(
     ]
     return ClassificationMetrics(
         n=n,
-        accuracy=float(np.trace(cm) / n) if n else math.nan,
-        balanced_accuracy=float(recall[present].mean()) if present.any() else math.nan,
-        macro_f1=float(f1[in_either].mean()) if in_either.any() else math.nan,
+        accuracy=accuracy,
+        balanced_accuracy=balanced,
+        macro_f1=macro_f1,
         macro_auc=float(aucs[defined].mean()) if defined.any() else None,
         per_class=per_class,
         confusion=cm.tolist(),

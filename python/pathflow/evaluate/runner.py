@@ -68,30 +68,33 @@ class EvalResult:
 class _LazyEmbedder:
     """Loads the backbone only when some features are not cached."""
 
-    def __init__(self, cfg: EvalConfig, decoder: Decoder | None) -> None:
+    def __init__(
+        self, cfg: EvalConfig, decoder: Decoder | None, weights_sha256: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.decoder = decoder
+        self.weights_sha256 = weights_sha256
         self._embedder: Any = None
 
     def get(self) -> Any:
         if self._embedder is None:
             from pathflow.extract.engine import Embedder
-            from pathflow.extract.model import load_backbone
+            from pathflow.extract.model import load_extractor
 
             c = self.cfg
-            bb = load_backbone(str(c.arch), c.weights, c.pretrained, c.image_size, c.norm,
-                               c.device)  # fmt: skip
+            bb = load_extractor(str(c.arch), c.weights, c.pretrained, c.image_size, c.norm,
+                                c.device, weights_sha256=self.weights_sha256)  # fmt: skip
             self._embedder = Embedder(bb, c.batch_size, c.workers, decoder=self.decoder)
         return self._embedder
 
 
 def _features(
-    name: str, data: LabelledImages, cfg: EvalConfig, lazy: _LazyEmbedder,
-    progress: bool | None,
+    name: str, data: LabelledImages, model_key: dict[str, Any], lazy: _LazyEmbedder,
+    out: Path, progress: bool | None,
 ) -> tuple[LabelledFeatures, bool]:  # fmt: skip
-    key = json.dumps({"model": cfg.model_key(), "data": data.fingerprint()}, sort_keys=True)
+    key = json.dumps({"model": model_key, "data": data.fingerprint()}, sort_keys=True)
     fingerprint = hashlib.sha1(key.encode()).hexdigest()
-    path = Path(cfg.out) / "features" / f"{name}.h5"
+    path = out / "features" / f"{name}.h5"
     cached = load_cache(path, fingerprint)
     if cached is not None:
         log.info("%s: reusing cached features %s", data.root, path)
@@ -108,11 +111,12 @@ def run_eval(
     """Run one evaluation (see the module docstring)."""
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    lazy = _LazyEmbedder(cfg, decoder)
+    model_key = cfg.model_key()  # hashes the weights file: once per run
+    lazy = _LazyEmbedder(cfg, decoder, model_key["weights_sha256"])
     split: dict[str, Any]
     if cfg.data is not None:
         data = scan_labelled(cfg.data, max_per_class=cfg.max_per_class, seed=cfg.seed)
-        allf, cached = _features("data", data, cfg, lazy, progress)
+        allf, cached = _features("data", data, model_key, lazy, out, progress)
         tr, te = stratified_split(allf.labels, cfg.test_fraction, cfg.seed)
         train, test = allf.subset(tr), allf.subset(te)
         skipped = allf.skipped
@@ -120,8 +124,8 @@ def run_eval(
     else:
         tr_data = scan_labelled(str(cfg.train), max_per_class=cfg.max_per_class, seed=cfg.seed)
         te_data = scan_labelled(str(cfg.test), tr_data.classes, cfg.max_per_class, cfg.seed)
-        train, c1 = _features("train", tr_data, cfg, lazy, progress)
-        test, c2 = _features("test", te_data, cfg, lazy, progress)
+        train, c1 = _features("train", tr_data, model_key, lazy, out, progress)
+        test, c2 = _features("test", te_data, model_key, lazy, out, progress)
         cached = c1 and c2
         skipped = train.skipped + test.skipped
         split = {"train": str(cfg.train), "test": str(cfg.test)}
@@ -153,6 +157,7 @@ def run_eval(
         "method": cfg.method,
         "arch": cfg.arch,
         "weights": cfg.weights,
+        "weights_sha256": model_key["weights_sha256"],
         "pretrained": cfg.pretrained,
         "classes": classes,
         "n_train": len(train.labels),
@@ -169,7 +174,7 @@ def run_eval(
     cfg.save(mdir / "config.yaml")
     plot_path = None
     if cfg.plot:
-        plot_path = _plot(out, test, cfg, split, reuse=cached)
+        plot_path = _plot(out, test, cfg, model_key, split, reuse=cached)
     return EvalResult(
         method=cfg.method,
         metrics=metrics,
@@ -184,7 +189,12 @@ def run_eval(
 
 
 def _plot(
-    out: Path, test: LabelledFeatures, cfg: EvalConfig, split: dict[str, Any], reuse: bool
+    out: Path,
+    test: LabelledFeatures,
+    cfg: EvalConfig,
+    model_key: dict[str, Any],
+    split: dict[str, Any],
+    reuse: bool,
 ) -> Path:
     """t-SNE of the test embedding; kept when the features and split are unchanged."""
     from pathflow.evaluate.plot import tsne_plot
@@ -192,7 +202,7 @@ def _plot(
     dest = out / "tsne_test.png"
     stamp = out / "tsne_test.json"
     key = {
-        "model": cfg.model_key(),
+        "model": model_key,
         "split": split,
         "points": cfg.plot_points,
         "n": len(test.labels),

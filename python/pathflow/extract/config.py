@@ -10,76 +10,12 @@ Example:
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from pathflow.config import YamlConfig
 from pathflow.exceptions import ConfigError
-
-T = TypeVar("T", bound="YamlConfig")
-
-
-class YamlConfig:
-    """Dataclass mixin: YAML load (unknown keys rejected), CLI merge, atomic save."""
-
-    _section = ""
-
-    def validate(self) -> None:  # pragma: no cover - overridden
-        """Raise :class:`ConfigError` on bad values."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (the YAML written beside outputs)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the config as YAML (atomically)."""
-        import yaml
-
-        from pathflow.outputs import atomic_path
-
-        with atomic_path(path) as tmp:
-            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Read a YAML file (optionally with a top-level section) into known fields."""
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of option: value")
-        if cls._section and isinstance(data.get(cls._section), dict):
-            data = data[cls._section]
-        known = set(cls.field_names())
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{p}: unknown option {key!r}")
-            out[name] = value
-        return out
-
-    @classmethod
-    def build(cls: type[T], yaml_values: dict[str, Any], cli_values: dict[str, Any]) -> T:
-        """Defaults <- YAML <- CLI (only options given on the command line), validated."""
-        merged = {**yaml_values, **cli_values}
-        try:
-            cfg = cls(**merged)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from exc
-        cfg.validate()
-        return cfg
 
 
 @dataclass
@@ -90,7 +26,7 @@ class ModelOptions:
     weights: str | None = None
     pretrained: bool = False
     image_size: int | None = None
-    norm: str = "imagenet"
+    norm: str = "auto"
     batch_size: int = 64
     workers: int = 2
     device: str = "auto"
@@ -100,8 +36,8 @@ class ModelOptions:
             raise ConfigError("no backbone given (--arch NAME, a timm model name)")
         if self.weights is not None and not Path(self.weights).is_file():
             raise ConfigError(f"{self.weights}: weights file not found")
-        if self.norm not in ("imagenet", "model"):
-            raise ConfigError(f"--norm must be imagenet or model, got {self.norm!r}")
+        if self.norm not in ("auto", "model", "imagenet"):
+            raise ConfigError(f"--norm must be auto, model or imagenet, got {self.norm!r}")
         if self.batch_size < 1 or self.workers < 1:
             raise ConfigError("--batch-size and --workers must be >= 1")
         if self.image_size is not None and self.image_size < 8:
@@ -132,11 +68,13 @@ class ExtractConfig(ModelOptions, YamlConfig):
             raise ConfigError(f"--features-dir must be a plain folder name: {self.features_dir!r}")
 
     def model_key(self) -> dict[str, Any]:
-        """What must not change between a run and its resumption in the same folder."""
+        """The setup that must not change between a run and its resumption in the same folder
+        (another one is refused). What the features depend on beyond it, the weights file's
+        content (sha256) and the resolved mean/std, is checked per slide file by the runner:
+        a changed weights file or normalisation recomputes the slides."""
         return {
             "arch": self.arch,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
             "pretrained": self.pretrained,
             "image_size": self.image_size,
-            "norm": self.norm,
         }

@@ -1,8 +1,8 @@
 """Decode encoded patches to fixed-size RGB arrays for a backbone.
 
-JPEG and PNG go through the Rust core (``pathflow._core.decode_views``: libjpeg-turbo decode,
-antialiased bilinear resize of the whole image to ``S x S`` as PIL's, up to rounding, no GIL);
-other formats (the TIFF patches of NCT-CRC-HE-100K, BMP, WebP) and whatever the Rust decoder
+JPEG, PNG and WebP go through the Rust core (``pathflow._core.decode_views``: libjpeg-turbo
+decode, antialiased bilinear resize of the whole image to ``S x S`` as PIL's, up to rounding, no
+GIL); other formats (the TIFF patches of NCT-CRC-HE-100K, BMP) and whatever the Rust decoder
 refuses go through PIL with the same filter. Images neither can decode come back as zeros
 with ``ok=False`` and a reason.
 
@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from pathflow.exceptions import PathflowError
 
-_NOT_FAST = "not a JPEG or PNG"
+_NOT_FAST = "not a JPEG, PNG or WebP"
 
 
 @dataclass
@@ -61,7 +61,7 @@ def decode_resize(data: list[bytes], size: int) -> DecodedBatch:
         for j, i in enumerate(fast):
             reasons[i] = fast_reasons[j]
     for i in np.flatnonzero(~ok).tolist():
-        # TIFF/BMP/WebP, and JPEG/PNG variants the Rust decoder refuses (16-bit PNG...):
+        # TIFF/BMP, and JPEG/PNG/WebP variants the Rust decoder refuses (16-bit PNG...):
         # PIL; the Rust reason is kept when PIL cannot decode either.
         img, why = pil_decode_resize(data[i], size)
         if img is not None:

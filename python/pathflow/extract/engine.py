@@ -3,8 +3,8 @@ backbone runs (``torch.inference_mode``, bf16 autocast on CUDA).
 
 Example:
     >>> from pathflow.extract.engine import Embedder
-    >>> from pathflow.extract.model import load_backbone
-    >>> emb = Embedder(load_backbone("test_vit", device="cpu"), batch_size=32)  # doctest: +SKIP
+    >>> from pathflow.extract.model import load_extractor
+    >>> emb = Embedder(load_extractor("test_vit", device="cpu"), batch_size=32)  # doctest: +SKIP
     >>> for out in emb.embed(refs):  # doctest: +SKIP
     ...     out.features.shape, out.ok.sum()
 """

@@ -1,16 +1,17 @@
 """Backbones for feature extraction: any timm model by name, optionally with our weights.
 
-``--weights`` takes a ``.safetensors`` export of ``pathflow train``, one of its checkpoints,
-a DINO-style checkpoint (teacher backbone) or a plain state dict (read with
-``pathflow.train.export.load_backbone_state``); keys must then match the model exactly
-(classifier heads aside). Backbones are built with ``pathflow.train.backbones``
-(``create_backbone``: any timm name, ``resnet50_trunc``). Inputs are resized to
-the model's input size (timm ``pretrained_cfg`` or ``image_size``) and normalised with the
-ImageNet mean/std (``norm="model"``: the model's own).
+Models are built and weights loaded by :func:`pathflow.train.load_backbone` (the one public
+loader: ``pathflow.train.backbones.create_backbone``, any timm name or ``resnet50_trunc``;
+``--weights`` is a ``.safetensors`` export of ``pathflow train``, one of its checkpoints, a
+DINO-style checkpoint (teacher backbone) or a plain state dict; keys must match the model
+exactly, classifier heads aside). :func:`load_extractor` wraps the module frozen on a device
+with how to feed it: inputs are resized to the model's input size (timm ``pretrained_cfg`` or
+``image_size``) and normalised as :func:`resolve_norm` decides (``norm="auto"``: the model's
+own mean/std when it has one, ImageNet's otherwise).
 
 Example:
-    >>> from pathflow.extract.model import load_backbone
-    >>> bb = load_backbone("test_vit", device="cpu")  # doctest: +SKIP
+    >>> from pathflow.extract.model import load_extractor
+    >>> bb = load_extractor("test_vit", device="cpu")  # doctest: +SKIP
     >>> bb.embed_dim, bb.image_size  # doctest: +SKIP
     (64, 160)
 """
@@ -18,7 +19,7 @@ Example:
 from __future__ import annotations
 
 import logging
-import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,11 @@ log = logging.getLogger("pathflow.extract")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Values of ``norm`` (``--norm``).
+NORMS = ("auto", "model", "imagenet")
+
+Triple = tuple[float, float, float]
 
 
 class WeightsError(PathflowError):
@@ -45,9 +51,11 @@ class Backbone:
     pretrained: bool
     embed_dim: int
     image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: Triple
+    std: Triple
     device: Any
+    weights_sha256: str | None = None
+    norm_source: str = "imagenet"
 
     @property
     def autocast(self) -> bool:
@@ -55,14 +63,16 @@ class Backbone:
         return bool(self.device.type == "cuda")
 
     def attrs(self) -> dict[str, Any]:
-        """What goes into the attrs of every features file."""
+        """What goes into the attrs of every features file (None values are left out)."""
         return {
             "arch": self.arch,
             "weights": self.weights or ("timm-pretrained" if self.pretrained else "random-init"),
+            "weights_sha256": self.weights_sha256,
             "embed_dim": self.embed_dim,
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
+            "norm": self.norm_source,
         }
 
     def forward(self, x: Any) -> Any:
@@ -82,6 +92,49 @@ class Backbone:
             return y.float()
 
 
+def resolve_norm(
+    norm: str,
+    pretrained_cfg: Mapping[str, Any] | None = None,
+    pretrained: bool = False,
+    weights_norm: tuple[Triple, Triple] | None = None,
+) -> tuple[Triple, Triple, str]:
+    """``(mean, std, source)`` to normalise inputs with; ``source`` is ``"weights"``,
+    ``"pretrained_cfg"`` or ``"imagenet"``.
+
+    * ``"imagenet"``: ImageNet's mean/std;
+    * ``"model"``: the model's own: recorded in the weights file (``weights_norm``), else
+      timm's ``pretrained_cfg``, else ImageNet's;
+    * ``"auto"``: the model's own when it has one, i.e. the weights record one, or the model
+      carries timm's pretrained weights (``pretrained``) and so expects its ``pretrained_cfg``
+      normalisation (CLIP's, inception-style 0.5...); ImageNet's otherwise (random
+      initialisation, or weights trained with pathflow's ImageNet default).
+
+    Example:
+        >>> resolve_norm("auto", {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}, True)
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 'pretrained_cfg')
+        >>> resolve_norm("auto", {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})[2]
+        'imagenet'
+    """
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm != "imagenet":
+        if weights_norm is not None:
+            return weights_norm[0], weights_norm[1], "weights"
+        cfg = pretrained_cfg or {}
+        if (norm == "model" or pretrained) and cfg.get("mean") and cfg.get("std"):
+            return _triple(cfg["mean"]), _triple(cfg["std"]), "pretrained_cfg"
+    return IMAGENET_MEAN, IMAGENET_STD, "imagenet"
+
+
+def _triple(v: Any) -> Triple:
+    t = tuple(float(x) for x in v)
+    if len(t) == 1:
+        t = t * 3
+    if len(t) != 3:
+        raise ConfigError(f"expected 3 channel values, got {v!r}")
+    return t[0], t[1], t[2]
+
+
 def resolve_device(device: str = "auto") -> Any:
     import torch
 
@@ -96,39 +149,62 @@ def resolve_device(device: str = "auto") -> Any:
     return dev
 
 
-def load_backbone(
+def load_extractor(
     arch: str,
     weights: str | None = None,
     pretrained: bool = False,
     image_size: int | None = None,
-    norm: str = "imagenet",
+    norm: str = "auto",
     device: str = "auto",
     seed: int = 0,
+    weights_sha256: str | None = None,
 ) -> Backbone:
-    """Create ``arch`` (timm name, or one of ``pathflow.train.backbones``), load weights,
-    move to ``device`` in eval mode. Random initialisation (no weights) is seeded."""
+    """Create ``arch`` with its weights (:func:`pathflow.train.load_backbone`), frozen in eval
+    mode on ``device``. Random initialisation (no weights) is seeded. ``weights_sha256``: the
+    weights file's digest if the caller has it (else computed here), recorded in the attrs."""
+    import timm
     import torch
 
-    if norm not in ("imagenet", "model"):
-        raise ConfigError(f"norm must be 'imagenet' or 'model', got {norm!r}")
+    from pathflow.outputs import sha256_file
+    from pathflow.train.backbones import CUSTOM_BACKBONES
+    from pathflow.train.export import load_backbone, weights_normalization
+
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if weights is not None and not Path(weights).is_file():
         raise ConfigError(f"{weights}: weights file not found")
+    if not timm.is_model(arch) and arch not in CUSTOM_BACKBONES:
+        raise ConfigError(f"unknown backbone {arch!r} (not a timm model name)")
+    state = read_state_dict(weights) if weights is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module, embed_dim = _create(arch, pretrained)
-    if weights is not None:
-        _load_weights(module, weights)
+        try:
+            module = load_backbone(arch, state, pretrained=pretrained)
+        except PathflowError as exc:  # the state dict does not fit
+            raise WeightsError(f"{weights}: {exc}") from exc
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"cannot create backbone {arch!r}: {first}") from exc
+    embed_dim = int(getattr(module, "num_features", 0))
+    if embed_dim <= 0:
+        raise ConfigError(f"{arch}: the model has no num_features (feature dimension)")
     cfg = dict(getattr(module, "pretrained_cfg", None) or {})
     size = int(image_size or (cfg.get("input_size") or (3, 224, 224))[-1])
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    if norm == "model":
-        mean = tuple(cfg.get("mean", IMAGENET_MEAN))  # type: ignore[assignment]
-        std = tuple(cfg.get("std", IMAGENET_STD))  # type: ignore[assignment]
+    weights_norm = None
+    if weights is not None:
+        try:
+            weights_norm = weights_normalization(weights)
+        except PathflowError as exc:
+            raise WeightsError(str(exc)) from exc
+        if weights_sha256 is None:
+            weights_sha256 = sha256_file(weights)
+    mean, std, source = resolve_norm(norm, cfg, pretrained, weights_norm)
     dev = resolve_device(device)
     module = module.to(dev).eval()  # CNNs are channels-last already (create_backbone)
     for p in module.parameters():
         p.requires_grad_(False)
-    log.info("backbone %s (%d-d, %d px) on %s, weights %s", arch, embed_dim, size, dev, weights)
+    log.info("backbone %s (%d-d, %d px) on %s, weights %s, mean/std %s (%s)",
+             arch, embed_dim, size, dev, weights, mean, source)  # fmt: skip
     return Backbone(
         module=module,
         arch=arch,
@@ -139,24 +215,9 @@ def load_backbone(
         mean=mean,
         std=std,
         device=dev,
+        weights_sha256=weights_sha256,
+        norm_source=source,
     )
-
-
-def _create(arch: str, pretrained: bool) -> tuple[Any, int]:
-    """``pathflow.train.backbones.create_backbone``: the modules training builds (ViTs with
-    ``dynamic_img_size``, so any ``image_size`` works; CNNs channels-last)."""
-    import timm
-
-    from pathflow.train.backbones import CUSTOM_BACKBONES, create_backbone
-
-    if not timm.is_model(arch) and arch not in CUSTOM_BACKBONES:
-        raise ConfigError(f"unknown backbone {arch!r} (not a timm model name)")
-    try:
-        module, dim = create_backbone(arch, pretrained=pretrained)
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"cannot create backbone {arch!r}: {first}") from exc
-    return module, int(dim)
 
 
 def read_state_dict(path: str) -> dict[str, Any]:
@@ -170,30 +231,3 @@ def read_state_dict(path: str) -> dict[str, Any]:
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(f"{path}: cannot read weights ({first})") from exc
-
-
-def _load_weights(module: Any, path: str) -> None:
-    state = read_state_dict(path)
-    filt = getattr(sys.modules.get(type(module).__module__), "checkpoint_filter_fn", None)
-    if filt is not None:
-        try:
-            state = filt(state, module)
-        except Exception as exc:
-            log.debug("checkpoint_filter_fn failed (%s); loading as is", exc)
-    own = module.state_dict()
-    unexpected = [k for k in state if k not in own]
-    head = [k for k in unexpected if k.split(".")[0] in ("head", "fc", "classifier", "heads")]
-    for k in head:
-        del state[k]
-    unexpected = [k for k in unexpected if k not in head]
-    missing = [k for k in own if k not in state]
-    bad_shape = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad_shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", bad_shape)):
-            if keys:
-                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise WeightsError(
-            f"{path}: weights do not fit {type(module).__name__}: {'; '.join(parts)}"
-        )
-    module.load_state_dict(state, strict=True)

@@ -3,8 +3,11 @@
 Slides are processed in name order as one stream of batches (a batch may span slides);
 a slide's file is written (atomically) as soon as its last patch is embedded, so a killed
 run loses at most the slides in flight. On re-run, slides whose file exists and is complete
-(same model, all patches accounted for) are skipped; ``overwrite`` redoes them. Undecodable
-patches are left out of the file (counted in ``num_skipped`` and a warning).
+(same model, all patches accounted for) are skipped; ``overwrite`` redoes them. "Same model"
+means the same arch, weights path *and content* (the weights file's sha256, computed once per
+run) and the same input size and mean/std, so weights retrained into the same file are not
+mistaken for the old ones. Undecodable patches are left out of the file (counted in
+``num_skipped`` and a warning).
 
 Example:
     >>> from pathflow.extract.config import ExtractConfig
@@ -30,14 +33,14 @@ import numpy as np
 from pathflow.exceptions import ConfigError
 from pathflow.extract.config import ExtractConfig
 from pathflow.extract.engine import Decoder, Embedder
-from pathflow.extract.model import load_backbone
+from pathflow.extract.model import load_extractor
 from pathflow.extract.sources import PatchGroup, PatchRef, discover
-from pathflow.extract.writer import is_complete, write_features
-from pathflow.outputs import atomic_path
+from pathflow.extract.writer import is_complete, model_id, write_features
+from pathflow.outputs import atomic_path, sha256_file
 
 log = logging.getLogger("pathflow.extract")
 
-MANIFEST_FIELDS = ["slide", "status", "patches", "skipped", "seconds", "file", "error"]
+MANIFEST_FIELDS = ["slide", "status", "patches", "skipped", "seconds", "file", "model", "error"]
 
 
 @dataclass
@@ -85,20 +88,36 @@ def run_extract(
     fdir = out / cfg.features_dir
     report = ExtractReport(out=fdir)
     _check_previous(out / "extract.yaml", cfg)
-    backbone = load_backbone(
-        str(cfg.arch), cfg.weights, cfg.pretrained, cfg.image_size, cfg.norm, cfg.device
-    )
+    digest = None
+    if cfg.weights is not None:  # once per run: the weights' content, not their path
+        t_hash = time.perf_counter()
+        digest = sha256_file(cfg.weights)
+        log.debug("sha256 of %s in %.1f s", cfg.weights, time.perf_counter() - t_hash)
+    backbone = load_extractor(str(cfg.arch), cfg.weights, cfg.pretrained, cfg.image_size,
+                              cfg.norm, cfg.device, weights_sha256=digest)  # fmt: skip
     model_attrs = backbone.attrs()
+    mid = model_id(model_attrs)
+    recorded = _recorded_models(out / "extract_manifest.csv")
     todo: list[PatchGroup] = []
+    redo: dict[str, int] = {}
     for g in groups:
         dest = fdir / f"{g.name}.{cfg.format}"
-        done, why = is_complete(dest, len(g), model_attrs) if not cfg.overwrite else (False, "")
+        done, why = (
+            is_complete(dest, len(g), model_attrs, recorded.get(g.name))
+            if not cfg.overwrite
+            else (False, "")
+        )
         if done:
-            report.rows.append(_row(g.name, "resumed", dest, patches=len(g)))
+            report.rows.append(_row(g.name, "resumed", dest, patches=len(g), model=mid))
             continue
         if dest.exists() and not cfg.overwrite:
-            log.warning("%s: redoing (%s)", dest, why)
+            if not redo:
+                log.warning("%s: redoing (%s)", dest, why)
+            redo[why] = redo.get(why, 0) + 1
         todo.append(g)
+    if sum(redo.values()) > 1:
+        log.warning("redoing %d existing file(s): %s", sum(redo.values()),
+                    "; ".join(f"{n} {why}" for why, n in redo.items()))  # fmt: skip
     fdir.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "extract.yaml")
     total = sum(len(g) for g in todo)
@@ -119,7 +138,7 @@ def run_extract(
                             g.name, bad, len(g), first)  # fmt: skip
             if not ok.any():
                 report.rows.append(_row(g.name, "failed", dest, 0, bad, secs,
-                                        f"no decodable patch ({first})"))  # fmt: skip
+                                        error=f"no decodable patch ({first})"))  # fmt: skip
                 continue
             attrs = {
                 **g.attrs,
@@ -131,7 +150,7 @@ def run_extract(
             }
             names = [n for n, k in zip(g.names, ok, strict=True) if k] if g.names else None
             write_features(dest, feats[ok], g.coords[ok], attrs, names)
-            report.rows.append(_row(g.name, "ok", dest, int(ok.sum()), bad, secs))
+            report.rows.append(_row(g.name, "ok", dest, int(ok.sum()), bad, secs, model=mid))
     finally:
         bar.close()
         report.embed_seconds = time.perf_counter() - t_embed
@@ -151,6 +170,21 @@ def _collect(inputs: list[str]) -> list[PatchGroup]:
                 raise ConfigError(f"{inp}: slide {g.name!r} appears in more than one input")
             groups[g.name] = g
     return [groups[k] for k in sorted(groups)]
+
+
+def _recorded_models(path: Path) -> dict[str, str]:
+    """Slide -> ``model`` id of the finished slides in a previous run's manifest."""
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="") as f:
+            return {
+                r["slide"]: r["model"]
+                for r in csv.DictReader(f)
+                if r.get("status") in ("ok", "resumed") and r.get("model")
+            }
+    except (OSError, csv.Error, KeyError, UnicodeDecodeError):
+        return {}
 
 
 def _check_previous(path: Path, cfg: ExtractConfig) -> None:
@@ -216,6 +250,7 @@ def _row(
     skipped: int = 0,
     seconds: float = 0.0,
     error: str = "",
+    model: str = "",
 ) -> dict[str, Any]:
     return {
         "slide": slide,
@@ -224,6 +259,7 @@ def _row(
         "skipped": skipped,
         "seconds": round(seconds, 3),
         "file": str(dest),
+        "model": model,
         "error": error,
     }
 

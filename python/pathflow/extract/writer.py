@@ -5,7 +5,9 @@ corners), ``names`` (image folders only); attrs on the file root (arch, weights,
 image_size, mean, std, patch geometry, ``num_patches``, ``num_skipped``), patch geometry
 mirrored on ``coords`` (CLAM's ``patch_size``, ``patch_level``) and the model on ``features``.
 ``.pt``: the features tensor alone, as CLAM's ``pt_files`` (``torch.load(path)`` -> (N, D)).
-Files are written to a temporary name and renamed, so an existing file is a finished slide.
+Files are written to a temporary name and renamed, so an existing file is a finished slide;
+whether it was made by the same model is told by its attrs (``.h5``) or by the ``model`` id
+that the run's manifest records for it (``.pt``; :func:`model_id`).
 
 Example:
     >>> from pathflow.extract.writer import read_features
@@ -14,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,10 @@ import numpy.typing as npt
 
 from pathflow.outputs import _plain, atomic_path
 
-_MODEL_ATTRS = ("arch", "weights", "embed_dim", "image_size", "mean", "std")
+_MODEL_ATTRS = ("arch", "weights", "weights_sha256", "embed_dim", "image_size", "mean", "std",
+                "norm")  # fmt: skip
+#: Model attrs the features depend on: a file made with other values is redone.
+FEATURE_ATTRS = ("arch", "weights", "weights_sha256", "image_size", "mean", "std")
 _GEOMETRY_ATTRS = (
     "patch_size", "patch_level", "patch_size_level0", "read_size", "target_mpp", "mpp",
 )  # fmt: skip
@@ -84,16 +91,34 @@ def read_features(
     return feats, coords, attrs
 
 
-def is_complete(path: Path, expected: int, model_attrs: dict[str, Any]) -> tuple[bool, str]:
+def model_id(model_attrs: dict[str, Any]) -> str:
+    """Short id (16 hex) of the :data:`FEATURE_ATTRS` of a model (recorded in the manifest)."""
+    key = {k: model_attrs.get(k) for k in FEATURE_ATTRS}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _same(have: Any, want: Any) -> bool:
+    if isinstance(want, (list, tuple)) and isinstance(have, (list, tuple)):
+        return len(have) == len(want) and bool(np.allclose(have, want, rtol=0, atol=1e-9))
+    return bool(have == want)
+
+
+def is_complete(
+    path: Path, expected: int, model_attrs: dict[str, Any], recorded_model: str | None = None
+) -> tuple[bool, str]:
     """Whether ``path`` holds a finished slide of ``expected`` patches by this model.
 
-    ``.h5``: readable, ``num_patches + num_skipped == expected`` and the same arch and
-    weights; ``.pt``: readable with at most ``expected`` rows. Returns ``(ok, why not)``.
+    ``.h5``: readable, ``num_patches + num_skipped == expected`` and the same
+    :data:`FEATURE_ATTRS` (arch, weights path and sha256, input size, mean/std); ``.pt``:
+    readable with at most ``expected`` rows, and ``recorded_model`` (the manifest's ``model``
+    for the slide) is this model's :func:`model_id`. Returns ``(ok, why not)``.
     """
     if not path.is_file():
         return False, "missing"
     try:
         if path.suffix == ".pt":
+            if recorded_model != model_id(model_attrs):
+                return False, "made by another model (or not recorded in the manifest)"
             feats, _, _ = read_features(path)
             if feats.ndim != 2 or len(feats) > expected:
                 return False, f"{len(feats)} rows for {expected} patches"
@@ -103,9 +128,9 @@ def is_complete(path: Path, expected: int, model_attrs: dict[str, Any]) -> tuple
         with h5py.File(path, "r") as f:
             n = int(f["features"].shape[0])
             skipped = int(f.attrs.get("num_skipped", 0))
-            for k in ("arch", "weights"):
+            for k in FEATURE_ATTRS:
                 have = _plain(f.attrs.get(k))
-                if have != model_attrs.get(k):
+                if not _same(have, model_attrs.get(k)):
                     return False, f"made with {k}={have!r}"
     except Exception as exc:  # unreadable or truncated: redo
         return False, f"unreadable ({str(exc).splitlines()[0] if str(exc) else exc})"

@@ -14,11 +14,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import os
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+from pathflow.config import YamlConfig
 from pathflow.exceptions import ConfigError
 from pathflow.grid import GridParams
 from pathflow.tissue import PRESETS, TissueParams
@@ -34,9 +33,12 @@ _UNSET_BY_PRESET = ("seg_mpp", "a_t", "a_h", "area_unit", "mpp", "layout", "use_
 
 
 @dataclass
-class TileConfig:
-    """Everything ``pathflow tile`` needs. Field names are the YAML keys; CLI flags are the
-    same names with dashes (``a_t`` -> ``--a-t``)."""
+class TileConfig(YamlConfig):
+    """Everything ``pathflow tile`` needs. Field names are the YAML keys (optionally under a
+    ``tile:`` section, values converted to the field types); CLI flags are the same names with
+    dashes (``a_t`` -> ``--a-t``)."""
+
+    _section = "tile"
 
     inputs: list[str] = field(default_factory=list)
     out: str = "pathflow_out"
@@ -176,59 +178,7 @@ class TileConfig:
         )
 
     # ----------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (the YAML written beside outputs)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the config as YAML (atomically)."""
-        import yaml
-
-        from pathflow.outputs import atomic_path
-
-        with atomic_path(path) as tmp:
-            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls) if not f.name.startswith("_")]
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Read a YAML file into a dict of known fields (dashes allowed in keys)."""
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of option: value")
-        if isinstance(data.get("tile"), dict):
-            data = data["tile"]
-        known = set(cls.field_names())
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{p}: unknown option {key!r}")
-            out[name] = value
-        for key in ("inputs", "sample"):
-            if isinstance(out.get(key), str):
-                out[key] = [out[key]]
-        return out
-
-    @classmethod
-    def build(cls, yaml_values: dict[str, Any], cli_values: dict[str, Any]) -> TileConfig:
-        """Defaults <- YAML <- CLI (only options given on the command line), then resolve."""
-        merged = {**yaml_values, **cli_values}
-        explicit = set(merged)
-        try:
-            cfg = cls(**merged)
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from exc
-        cfg._explicit = explicit
-        return cfg.resolve()
+    def finish(self, explicit: set[str]) -> TileConfig:
+        """After :meth:`build`: remember which fields were set, then :meth:`resolve`."""
+        self._explicit = explicit
+        return self.resolve()

@@ -75,8 +75,7 @@ def benchmark_train_step(
         compile=compile,
         device=str(dev),
         steps=warmup + steps,
-        out_dim=out_dim,
-        freeze_last_layer=0,
+        options={"out_dim": out_dim, "freeze_last_layer": 0} if method == "dino" else None,
     ).resolve()
     cfg = resolve_runtime(cfg, dev)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=dev)
@@ -174,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["speedup"] = round(runs[1]["images_per_s"] / runs[0]["images_per_s"], 3)
         print(f"{runs[1]['precision']} + compile vs eager fp32: {result['speedup']}x")
     if a.json:
-        from pathflow.train.io import atomic_write_text
+        from pathflow.outputs import atomic_write_text
 
         atomic_write_text(a.json, json.dumps(result, indent=2) + "\n")
     return 0

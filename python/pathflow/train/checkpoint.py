@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pathflow.train.io import atomic_open
+from pathflow.outputs import atomic_open
 
 FORMAT = "pathflow-ssl-checkpoint"
 VERSION = 1

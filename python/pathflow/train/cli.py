@@ -1,113 +1,132 @@
-"""``pathflow train``: argument parser (built from :class:`TrainConfig`'s fields) and command.
+"""``pathflow train``: argument parser (built from :class:`TrainConfig`'s fields and each
+registered method's config dataclass) and command.
 
-Only argparse and the config dataclass are imported to build the parser; torch and timm load
-when the command runs.
+Shared options are ``--name``; a method's own options are ``--METHOD.NAME`` in a help group
+of their own (``--dino.out-dim 4096``), the same names as the method's YAML section. The
+method choices come from the registry (``list_methods()``), so a registered method reaches
+the command line with no other edit. Building this parser imports torch (the methods are
+``nn.Module`` s); ``pathflow`` builds it only for ``pathflow train``.
 
 Example:
     >>> import argparse
     >>> from pathflow.train.cli import add_train_parser
     >>> sub = argparse.ArgumentParser().add_subparsers(dest="command")
     >>> p = add_train_parser(sub)
-    >>> ns = p.parse_args(["--method", "simclr", "--data", "run/shards", "--no-tensorboard"])
-    >>> ns.method, ns.data, ns.tensorboard
-    ('simclr', 'run/shards', False)
+    >>> ns = p.parse_args(["--method", "simclr", "--data", "run", "--simclr.temperature", "0.2"])
+    >>> ns.method, ns.data, vars(ns)["simclr.temperature"]
+    ('simclr', 'run', 0.2)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any
 
+from pathflow.config import YamlConfig, is_list, scalar_type
 from pathflow.train.config import PRECISIONS, TrainConfig
 
 _S = argparse.SUPPRESS
 
-#: Fields filled at run time, not settable from the command line.
-_RUNTIME_FIELDS = ("steps_per_epoch", "world_size")
+#: Fields filled at run time or given as method sections, not plain flags.
+_NOT_FLAGS = ("steps_per_epoch", "world_size", "options")
 
 _GROUPS = {
     "method": "what to train",
     "epochs": "length and optimisation",
-    "out_dim": "DINO",
-    "temperature": "SimCLR",
     "views": "views (pathflow.data presets)",
     "device": "run",
 }
 
-_CHOICES: dict[str, list[str]] = {
-    "method": ["dino", "simclr"],
-    "precision": list(PRECISIONS),
-    "loader_backend": ["auto", "dali", "torch"],
-}
-
-
 _METAVARS: dict[Any, str] = {int: "N", float: "X", str: "NAME", "data": "DIR", "out": "DIR"}
 
+DESCRIPTION = (
+    "Self-supervised training of any timm backbone on the WebDataset shards of "
+    "pathflow tile --shards. Writes OUT/config.yaml (resolved), checkpoint.pt (atomic; "
+    "--resume continues it exactly), metrics.jsonl/.csv, tb/ (TensorBoard), "
+    "backbone.safetensors (timm weights) and summary.json. Every option can also be set "
+    "in a YAML file (--config) under its long name with underscores, a method's own options "
+    "in a section named after the method (dino: {out_dim: 4096}); the command line wins. "
+    "For several processes: torchrun --nproc-per-node N -m pathflow train ..."
+)
+HELP = "self-supervised training (DINO, SimCLR, ...) of a timm backbone on shards"
 
-def _scalar_type(annotation: Any) -> Any:
-    """``int | None`` -> ``int``; ``bool`` stays ``bool``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0] if len(args) == 1 else str
-    return annotation
+
+def _add_fields(
+    group: Any,
+    cls: type[YamlConfig],
+    *,
+    prefix: str = "",
+    groups: dict[str, str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+    choices: dict[str, list[str]] | None = None,
+) -> None:
+    """One flag per dataclass field: ``--[prefix.]name-with-dashes``, typed; booleans get
+    ``--no-`` twins; lists take several values."""
+    types_ = cls.field_types()
+    choices = choices or {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in _NOT_FLAGS or f.name.startswith("_"):
+            continue
+        if groups and parser is not None and f.name in groups:
+            group = parser.add_argument_group(groups[f.name])
+        dash = f.name.replace("_", "-")
+        flag = f"--{prefix}.{dash}" if prefix else f"--{dash}"
+        dest = f"{prefix}.{f.name}" if prefix else f.name
+        text = f.metadata.get("help", "")
+        kind = scalar_type(types_[f.name])
+        if kind is bool:
+            no_flag = f"--{prefix}.no-{dash}" if prefix else f"--no-{dash}"
+            state = "on" if f.default is True else "off" if f.default is False else "auto"
+            text = f"{text} (default {state}; {no_flag} to turn off)"
+            group.add_argument(flag, dest=dest, action="store_true", default=_S, help=text)
+            group.add_argument(no_flag, dest=dest, action="store_false", default=_S, help=_S)
+            continue
+        default = f.default if f.default is not MISSING else None
+        default_text = "" if default in (None, "") else f" (default {default})"
+        group.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            nargs="+" if is_list(types_[f.name]) else None,
+            default=_S,
+            choices=choices.get(f.name),
+            metavar=None if f.name in choices else _METAVARS.get(f.name, _METAVARS.get(kind)),
+            help=text + default_text,
+        )
 
 
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
-    """Add the ``train`` sub-command to an ``add_subparsers()`` object."""
-    p = sub.add_parser(
-        "train",
-        help="self-supervised training (DINO, SimCLR) of a timm backbone on shards",
-        description=(
-            "Self-supervised training of any timm backbone on the WebDataset shards of "
-            "pathflow tile --shards. Writes OUT/config.yaml (resolved), checkpoint.pt (atomic; "
-            "--resume continues it exactly), metrics.jsonl/.csv, tb/ (TensorBoard), "
-            "backbone.safetensors (timm weights) and summary.json. Every option can also be set "
-            "in a YAML file (--config) under its long name with underscores; the command line "
-            "wins. For several processes: torchrun --nproc-per-node N -m pathflow train ..."
-        ),
-    )
-    types_ = TrainConfig.field_types()
-    group: Any = p
-    for f in fields(TrainConfig):
-        if f.name in _RUNTIME_FIELDS:
-            continue
-        if f.name in _GROUPS:
-            group = p.add_argument_group(_GROUPS[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata.get("help", "")
-        kind = _scalar_type(types_[f.name])
-        if kind is bool:
-            no_flag = "--no-" + f.name.replace("_", "-")
-            state = "on" if f.default is True else "off" if f.default is False else "auto"
-            text = f"{text} (default {state}; {no_flag} to turn off)"
-            group.add_argument(flag, dest=f.name, action="store_true", default=_S, help=text)
-            group.add_argument(
-                no_flag,
-                dest=f.name,
-                action="store_false",
-                default=_S,
-                help=argparse.SUPPRESS,
-            )
-            continue
-        default_text = "" if f.default in (None, "") else f" (default {f.default})"
-        group.add_argument(
-            flag,
-            dest=f.name,
-            type=kind,
-            default=_S,
-            choices=_CHOICES.get(f.name),
-            metavar=None if f.name in _CHOICES else _METAVARS.get(f.name, _METAVARS[kind]),
-            help=text + default_text,
+    """Add the full ``train`` sub-command to an ``add_subparsers()`` object."""
+    from pathflow.train.methods import list_methods, method_class
+
+    p = sub.add_parser("train", help=HELP, description=DESCRIPTION)
+    methods = list_methods()
+    choices = {
+        "method": methods,
+        "precision": list(PRECISIONS),
+        "loader_backend": ["auto", "dali", "torch"],
+    }
+    _add_fields(p, TrainConfig, groups=_GROUPS, parser=p, choices=choices)
+    for name in methods:
+        opts = method_class(name).config_class
+        recipe = ", ".join(f"{k} {v}" for k, v in opts.recipe.items())
+        g = p.add_argument_group(
+            f"{name} options (YAML section {name}:)",
+            f"defaults of the shared options with --method {name}: {recipe}" if recipe else None,
         )
+        _add_fields(g, opts, prefix=name)
     r = p.add_argument_group("options")
     r.add_argument("--config", help="YAML file with options")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return p
+
+
+def add_train_stub(sub: Any) -> argparse.ArgumentParser:
+    """``train`` in the command list without building its options (no torch import): used
+    when another command runs, so ``pathflow tile --help`` stays fast."""
+    return sub.add_parser("train", help=HELP, add_help=False)
 
 
 def run_train(ns: argparse.Namespace) -> int:
@@ -131,4 +150,4 @@ def run_train(ns: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_train_parser", "run_train"]
+__all__ = ["add_train_parser", "add_train_stub", "run_train"]

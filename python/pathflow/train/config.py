@@ -1,18 +1,31 @@
 """Configuration of ``pathflow train``: a dataclass <- YAML file <- CLI flags.
 
-Method-dependent fields default to ``None`` and are filled by :meth:`TrainConfig.resolve`
-from :data:`METHOD_DEFAULTS` (DINO: the official ViT-S/16 recipe; SimCLR: AdamW settings for
-the NT-Xent objective). ``steps_per_epoch`` and ``steps`` are filled by the trainer from the
-loader; the resolved config is saved as ``config.yaml`` beside the run's outputs.
+Shared fields (length, optimiser, views, run control) are :class:`TrainConfig`'s; each
+method's own options are its config dataclass (``pathflow.train.methods.<name>``), given in
+YAML as a section named after the method and on the command line as ``--METHOD.OPTION``::
 
-Field names are the YAML keys; CLI flags are the same names with dashes
-(``weight_decay_end`` -> ``--weight-decay-end``). This module imports neither torch nor timm.
+    method: dino
+    lr: 5e-4
+    dino:
+      out_dim: 65536
+      warmup_teacher_temp_epochs: 30
+
+Fields left ``None`` take the method's recipe (``MethodConfig.recipe``) in
+:meth:`TrainConfig.resolve`. ``steps_per_epoch`` is filled by the trainer from the loader;
+the resolved config is saved as ``config.yaml`` beside the run's outputs.
+
+**Schedule lengths.** Lengths given in epochs (lr warmup, DINO's teacher-temperature warmup
+and frozen last layer) become ``epochs x steps_per_epoch`` steps. With ``--steps`` the run is
+not counted in epochs, so they are read as fractions of the recipe's ``--epochs`` (default
+100): a 10-epoch warmup is the first 10% of the steps. Explicit ``*_steps`` fields override.
 
 Example:
     >>> from pathflow.train.config import TrainConfig
-    >>> cfg = TrainConfig(method="dino", data="run/shards", batch_size=128).resolve()
+    >>> cfg = TrainConfig(method="dino", data="run/shards", batch_size=128, steps=1000).resolve()
     >>> cfg.lr, cfg.weight_decay, cfg.weight_decay_end, cfg.views
     (0.0005, 0.04, 0.4, 'dino')
+    >>> cfg.warmup(), cfg.options.out_dim  # 10 of 100 epochs -> 10% of 1000 steps
+    (100, 65536)
     >>> cfg.scaled_lr(world_size=2)  # lr * global batch / 256, as dino
     0.0005
 """
@@ -22,36 +35,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+from pathflow.config import YamlConfig, coerce
 from pathflow.exceptions import ConfigError
 
-#: Defaults of the fields left ``None``, per method.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "dino": {
-        "lr": 5e-4,
-        "weight_decay": 0.04,
-        "weight_decay_end": 0.4,
-        "warmup_epochs": 10.0,
-        "drop_path_rate": 0.1,
-        "clip_grad": 3.0,
-        "views": "dino",
-    },
-    "simclr": {
-        "lr": 1e-3,
-        "weight_decay": 1e-6,
-        "weight_decay_end": 1e-6,
-        "warmup_epochs": 10.0,
-        "drop_path_rate": 0.0,
-        "clip_grad": 0.0,
-        "views": "simclr",
-    },
-}
-
 PRECISIONS = ("auto", "bf16", "fp32")
+
+#: Options that may differ between a run and its ``--resume`` (they do not change what
+#: trains); ``steps_per_epoch`` and ``world_size`` are checked on their own.
+RUN_CONTROL = (
+    "stop_after", "save_every", "log_every", "tensorboard", "resume", "allow_changed",
+    "num_workers", "compile", "out", "data", "steps_per_epoch", "world_size",
+)  # fmt: skip
 
 
 def _h(text: str) -> Any:
@@ -59,11 +56,13 @@ def _h(text: str) -> Any:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(YamlConfig):
     """Everything ``pathflow train`` needs (see ``pathflow train --help``)."""
 
+    _section = "train"
+
     # what to train
-    method: str = field(default="dino", metadata=_h("SSL method: dino or simclr"))
+    method: str = field(default="dino", metadata=_h("SSL method (pathflow.train.list_methods())"))
     arch: str = field(
         default="vit_small_patch16_224",
         metadata=_h("any timm model name, or resnet50_trunc (CLAM's ResNet-50 to layer3)"),
@@ -72,68 +71,60 @@ class TrainConfig:
     img_size: int | None = field(
         default=None, metadata=_h("timm img_size of ViTs (size of the position embedding)")
     )
-    data: str = field(default="", metadata=_h("shard folder (or shards.json) of pathflow tile"))
+    data: str = field(
+        default="",
+        metadata=_h(
+            "output folder of pathflow tile --shards, its shards/ folder, shards.json, "
+            "or any WebDataset folder"
+        ),
+    )
     out: str = field(default="pathflow_train", metadata=_h("output folder of the run"))
     # length and optimisation
-    epochs: int = field(default=100, metadata=_h("epochs (ignored when --steps is given)"))
+    epochs: int = field(
+        default=100,
+        metadata=_h(
+            "epochs; with --steps, the recipe length that epoch-based schedule lengths "
+            "are fractions of (warmup 10 of 100 epochs = the first 10%% of the steps)"
+        ),
+    )
     steps: int | None = field(
         default=None, metadata=_h("total optimisation steps (default: epochs x batches/epoch)")
     )
     stop_after: int | None = field(
         default=None,
-        metadata=_h("stop (with a checkpoint) once this many steps are done, keeping the "
+        metadata=_h("stop (with a checkpoint) after this many steps of this job, keeping the "
                     "schedules of the full run; --resume continues"),
     )  # fmt: skip
     batch_size: int = field(default=64, metadata=_h("images per process and step"))
     lr: float | None = field(
         default=None,
         metadata=_h("peak learning rate at a global batch of 256, scaled by batch/256 "
-                    "(dino 5e-4, simclr 1e-3)"),
+                    "(method default)"),
     )  # fmt: skip
     min_lr: float = field(default=1e-6, metadata=_h("learning rate at the end of the cosine"))
     warmup_epochs: float | None = field(
-        default=None, metadata=_h("linear learning-rate warmup in epochs (default 10)")
+        default=None, metadata=_h("linear learning-rate warmup in epochs (method default)")
     )
     warmup_steps: int | None = field(
         default=None, metadata=_h("linear warmup in steps (overrides --warmup-epochs)")
     )
     weight_decay: float | None = field(
-        default=None, metadata=_h("initial weight decay (dino 0.04, simclr 1e-6)")
+        default=None, metadata=_h("initial weight decay (method default)")
     )
     weight_decay_end: float | None = field(
-        default=None, metadata=_h("final weight decay of the cosine schedule (dino 0.4)")
+        default=None, metadata=_h("final weight decay of the cosine schedule (method default)")
     )
     clip_grad: float | None = field(
-        default=None, metadata=_h("max global gradient norm, 0 = off (dino 3.0)")
+        default=None,
+        metadata=_h(
+            "gradient clipping threshold, 0 = off: dino clips each parameter's gradient "
+            "norm (as facebookresearch/dino), other methods the global norm"
+        ),
     )
     drop_path_rate: float | None = field(
         default=None,
-        metadata=_h("stochastic depth of the student backbone (dino 0.1, its ViT recipe)"),
+        metadata=_h("stochastic depth of the student backbone (method default)"),
     )
-    # DINO
-    out_dim: int = field(default=65536, metadata=_h("DINO head output dimension"))
-    norm_last_layer: bool = field(
-        default=True, metadata=_h("DINO: fix the weight-norm gain of the last layer to 1")
-    )
-    momentum_teacher: float = field(
-        default=0.996, metadata=_h("DINO: teacher EMA momentum, cosine to 1")
-    )
-    teacher_temp: float = field(default=0.07, metadata=_h("DINO: teacher temperature"))
-    warmup_teacher_temp: float = field(
-        default=0.04, metadata=_h("DINO: initial teacher temperature")
-    )
-    warmup_teacher_temp_epochs: float = field(
-        default=30.0, metadata=_h("DINO: epochs of teacher temperature warmup")
-    )
-    student_temp: float = field(default=0.1, metadata=_h("DINO: student temperature"))
-    center_momentum: float = field(default=0.9, metadata=_h("DINO: centre EMA momentum"))
-    freeze_last_layer: float = field(
-        default=1.0, metadata=_h("DINO: epochs during which the last layer is not trained")
-    )
-    # SimCLR
-    temperature: float = field(default=0.1, metadata=_h("SimCLR: NT-Xent temperature"))
-    proj_hidden_dim: int = field(default=2048, metadata=_h("SimCLR: projector hidden width"))
-    proj_dim: int = field(default=128, metadata=_h("SimCLR: projector output dimension"))
     # views (pathflow.data presets)
     views: str | None = field(
         default=None,
@@ -144,7 +135,7 @@ class TrainConfig:
     local_size: int | None = field(default=None, metadata=_h("size of the local views"))
     num_local: int | None = field(default=None, metadata=_h("number of local views (dino 8)"))
     # run
-    device: str = field(default="auto", metadata=_h("auto, cpu, cuda"))
+    device: str = field(default="auto", metadata=_h("auto, cpu, cuda or cuda:N"))
     precision: str = field(
         default="auto", metadata=_h("bf16 (autocast) or fp32; auto: bf16 on CUDA, fp32 on CPU")
     )
@@ -163,6 +154,19 @@ class TrainConfig:
         default=False, metadata=_h("continue from OUT/checkpoint.pt when it exists")
     )
     tensorboard: bool = field(default=True, metadata=_h("write TensorBoard scalars to OUT/tb"))
+    allow_changed: list[str] = field(
+        default_factory=list,
+        metadata=_h(
+            "with --resume: options allowed to differ from the checkpoint's (e.g. "
+            "lr epochs); run-control options (stop_after, save_every, log_every, ...) "
+            "may always differ"
+        ),
+    )
+    # the method's own options (a section named after the method in YAML, --METHOD.NAME flags)
+    options: Any = field(
+        default=None,
+        metadata=_h("the method's options: its config dataclass, or a dict of its fields"),
+    )
     # filled by the trainer
     steps_per_epoch: int | None = field(
         default=None, metadata=_h("batches per epoch on each rank (filled from the loader)")
@@ -171,15 +175,22 @@ class TrainConfig:
 
     # ----------------------------------------------------------------------------------
     def resolve(self) -> TrainConfig:
-        """Fill method defaults and validate."""
-        if self.method not in METHOD_DEFAULTS:
-            raise ConfigError(
-                f"unknown method {self.method!r} (expected {', '.join(METHOD_DEFAULTS)})"
-            )
+        """Fill the method's recipe and options, convert every value to its type, validate."""
+        from pathflow.train.methods import method_class
+
+        types_ = self.field_types()
         out = dataclasses.replace(self)
-        for name, value in METHOD_DEFAULTS[self.method].items():
+        for name in self.field_names():
+            if name != "options":
+                setattr(out, name, coerce(getattr(out, name), types_[name], name))
+        cls = method_class(out.method)  # ConfigError naming the registered methods
+        opts_cls = cls.config_class
+        for name, value in opts_cls.recipe.items():
             if getattr(out, name) is None:
                 setattr(out, name, value)
+        if out.views is None:
+            out.views = cls.views_preset
+        out.options = opts_cls.from_value(out.options, out.method)
         if out.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {out.precision!r}")
         for name in ("batch_size", "epochs", "save_every", "log_every"):
@@ -191,10 +202,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if out.lr is not None and out.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {out.lr}")
-        if out.temperature <= 0 or out.student_temp <= 0 or out.teacher_temp <= 0:
-            raise ConfigError("temperatures must be > 0")
-        if not 0 <= out.momentum_teacher <= 1:
-            raise ConfigError(f"momentum_teacher must be in [0, 1], got {out.momentum_teacher}")
+        if out.clip_grad is not None and out.clip_grad < 0:
+            raise ConfigError(f"clip_grad must be >= 0 (0 = off), got {out.clip_grad}")
+        unknown = sorted(set(out.allow_changed) - set(self.field_names()) - {out.method})
+        if unknown:
+            raise ConfigError(f"allow_changed: unknown option(s) {', '.join(unknown)}")
         return out
 
     # ------------------------------------------------------------------ derived values
@@ -208,15 +220,46 @@ class TrainConfig:
         return int(self.epochs * self.steps_per_epoch)
 
     def epochs_to_steps(self, epochs: float) -> int:
-        """Convert a duration in epochs to steps (at least 0, at most ``total_steps``)."""
-        per_epoch = self.steps_per_epoch or self.total_steps
-        return max(0, min(round(epochs * per_epoch), self.total_steps))
+        """A schedule length in epochs, as steps.
+
+        Counted in epochs (no ``--steps``): ``epochs * steps_per_epoch``. With ``--steps``:
+        the same fraction of the run as in the recipe, ``epochs / self.epochs *
+        total_steps``. Never more than ``total_steps`` (a length that reaches it is
+        reported by :meth:`schedule_warnings`).
+        """
+        if self.steps is None:
+            steps = round(epochs * (self.steps_per_epoch or 0))
+        else:
+            steps = round(epochs / self.epochs * self.steps)
+        return max(0, min(steps, self.total_steps))
+
+    def steps_or_epochs(self, steps: int | None, epochs: float | None) -> int:
+        """``steps`` when given (at most ``total_steps``), else ``epochs`` converted."""
+        if steps is not None:
+            return max(0, min(int(steps), self.total_steps))
+        return self.epochs_to_steps(epochs or 0.0)
 
     def warmup(self) -> int:
         """Learning-rate warmup in steps."""
-        if self.warmup_steps is not None:
-            return max(0, min(self.warmup_steps, self.total_steps))
-        return self.epochs_to_steps(self.warmup_epochs or 0.0)
+        return self.steps_or_epochs(self.warmup_steps, self.warmup_epochs)
+
+    def schedule_lengths(self) -> dict[str, int]:
+        """Every schedule length of the run in steps (lr warmup and the method's own)."""
+        lengths = {"lr_warmup": self.warmup()}
+        lengths.update(self.options.schedule_lengths(self))
+        return lengths
+
+    def schedule_warnings(self) -> list[str]:
+        """One line per schedule that covers the whole run (it never reaches its end)."""
+        total = self.total_steps
+        out = []
+        for name, n in self.schedule_lengths().items():
+            if n >= total:
+                out.append(
+                    f"{name} lasts {n} steps, the whole run of {total}: it never ends "
+                    "(shorten it, or give the run more steps)"
+                )
+        return out
 
     def scaled_lr(self, world_size: int | None = None) -> float:
         """Peak learning rate: ``lr * batch_size * world_size / 256`` (dino's linear rule)."""
@@ -231,56 +274,76 @@ class TrainConfig:
 
     # ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (the YAML written beside outputs)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Plain dict (the YAML written beside outputs): shared fields, then the method's
+        options as a section named after the method."""
+        out = {name: getattr(self, name) for name in self.field_names() if name != "options"}
+        opts = self.options
+        if dataclasses.is_dataclass(opts) and not isinstance(opts, type):
+            out[self.method] = dataclasses.asdict(opts)
+        elif isinstance(opts, dict):
+            out[self.method] = dict(opts)
+        return out
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the config as YAML (atomically)."""
-        import yaml
-
-        from pathflow.train.io import atomic_write_text
-
-        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def field_types(cls) -> dict[str, Any]:
-        """Field name -> evaluated type annotation."""
-        return typing.get_type_hints(cls)
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """Names of the options that differ from ``other`` (a :meth:`to_dict` of a saved
+        run), run-control options left out; method options as ``METHOD.NAME``."""
+        mine = self.to_dict()
+        diffs = []
+        for name, value in mine.items():
+            if name in RUN_CONTROL:
+                continue
+            theirs = other.get(name)
+            if isinstance(value, dict) and isinstance(theirs, dict):
+                diffs += [
+                    f"{name}.{k}" for k in sorted(set(value) | set(theirs))
+                    if value.get(k) != theirs.get(k)
+                ]  # fmt: skip
+            elif value != theirs:
+                diffs.append(name)
+        return diffs
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """Read a YAML file into a dict of known fields (dashes allowed in keys; a top-level
-        ``train:`` mapping is accepted too)."""
-        import yaml
+        """Read a YAML file (a top-level ``train:`` mapping is accepted too) into typed
+        shared fields; a mapping under a method's name is that method's options."""
+        from pathflow.config import read_yaml
 
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of option: value")
-        if isinstance(data.get("train"), dict):
-            data = data["train"]
-        known = set(cls.field_names())
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{p}: unknown option {key!r}")
-            out[name] = value
-        return out
+        raw = read_yaml(path, cls._section)
+        sections = {k: v for k, v in raw.items() if isinstance(v, dict) and k != "options"}
+        values = cls.coerce_values({k: v for k, v in raw.items() if k not in sections}, str(path))
+        if sections:
+            values["_sections"] = sections
+        return values
 
     @classmethod
     def build(cls, yaml_values: dict[str, Any], cli_values: dict[str, Any]) -> TrainConfig:
-        """Defaults <- YAML <- CLI (only options given on the command line), then resolve."""
-        merged = {**yaml_values, **cli_values}
+        """Defaults <- YAML <- CLI (only options given on the command line), then resolve.
+
+        CLI method options are keys ``METHOD.NAME``; YAML ones the ``_sections`` of
+        :meth:`from_yaml`. Only the chosen method's are used; a flag of another method is an
+        error, another method's YAML section is ignored (one file may hold several)."""
+        from pathflow.train.methods import list_methods
+
+        yaml_values = dict(yaml_values)
+        sections: dict[str, Any] = yaml_values.pop("_sections", {})
+        flags = {k: v for k, v in cli_values.items() if "." in k}
+        shared = {k: v for k, v in cli_values.items() if "." not in k}
+        merged = {**yaml_values, **cls.coerce_values(shared)}
+        method = str(merged.get("method", cls.method))
+        methods = list_methods()
+        for name in sections:
+            if name not in methods:
+                raise ConfigError(f"unknown option or method section {name!r}")
+        options = dict(sections.get(method, {}))
+        if isinstance(merged.get("options"), dict):
+            options.update(merged.pop("options"))
+        for key, value in flags.items():
+            owner, name = key.split(".", 1)
+            if owner != method:
+                flag = f"--{owner}.{name.replace('_', '-')}"
+                raise ConfigError(f"{flag} is an option of method {owner}, not of {method}")
+            options[name] = value
+        merged["options"] = options
         try:
             cfg = cls(**merged)
         except TypeError as exc:
@@ -288,4 +351,4 @@ class TrainConfig:
         return cfg.resolve()
 
 
-__all__ = ["METHOD_DEFAULTS", "PRECISIONS", "TrainConfig"]
+__all__ = ["PRECISIONS", "RUN_CONTROL", "TrainConfig"]

@@ -56,6 +56,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def pick_cuda_device(
+    requested: torch.device, world_size: int, local_rank: int, current: int
+) -> torch.device:
+    """The CUDA device of this process: ``LOCAL_RANK``'s under torchrun; in one process the
+    one asked for (``cuda:1`` stays ``cuda:1``), or the current device for a bare ``cuda``.
+
+    Example:
+        >>> import torch
+        >>> pick_cuda_device(torch.device("cuda:1"), 1, 0, current=0)
+        device(type='cuda', index=1)
+        >>> pick_cuda_device(torch.device("cuda"), 4, 2, current=0)
+        device(type='cuda', index=2)
+    """
+    if world_size > 1:
+        return torch.device("cuda", local_rank)
+    return torch.device("cuda", requested.index if requested.index is not None else current)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by ``torchrun``'s environment (``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), if any.
@@ -77,7 +95,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
             backend=backend, init_method="env://", timeout=datetime.timedelta(minutes=30)
         )
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
+        current = torch.cuda.current_device() if dev.index is None and world_size == 1 else 0
+        dev = pick_cuda_device(dev, world_size, local_rank, current)
+        if world_size == 1:
+            torch.cuda.set_device(dev)
     return DistInfo(rank=get_rank(), world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -139,5 +160,6 @@ __all__ = [
     "get_world_size",
     "init_distributed",
     "is_dist",
+    "pick_cuda_device",
     "resolve_device",
 ]

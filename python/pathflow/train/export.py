@@ -9,10 +9,15 @@ so timm loads it as pretrained weights::
                               pretrained_cfg_overlay=dict(file="backbone.safetensors"))
 
 timm loads non-strictly when ``num_classes`` differs from the pretrained config's, so
-:func:`load_backbone` (strict) is the safer route in code. ``resnet50_trunc`` (CLAM's
-truncated ResNet-50) exports the resnet50 keys without ``layer4.*``; load it with
-``load_backbone("resnet50_trunc", path)``, or through timm as above with ``"resnet50"`` and
-then ``model.layer4 = torch.nn.Identity()`` (1024-d features).
+:func:`load_backbone` (strict: every backbone key must match; classifier-head keys are
+ignored) is the safer route in code; ``pathflow extract`` and ``pathflow eval`` use it too.
+``resnet50_trunc`` (CLAM's truncated ResNet-50) exports the resnet50 keys without
+``layer4.*``; load it with ``load_backbone("resnet50_trunc", path)``, or through timm as above
+with ``"resnet50"`` and then ``model.layer4 = torch.nn.Identity()`` (1024-d features).
+
+``export_backbone(..., mean=, std=)`` records the input normalisation the backbone was trained
+with in the file's metadata (read back by :func:`weights_normalization`; ``pathflow extract``
+then normalises with it by default).
 
 Example:
     >>> from pathflow.train.export import export_backbone, load_backbone_state
@@ -23,9 +28,12 @@ Example:
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pickle
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from pathflow.exceptions import PathflowError
-from pathflow.train.io import atomic_path
+from pathflow.outputs import atomic_path
+
+log = logging.getLogger("pathflow.train")
 
 #: Containers of a state dict in common checkpoint formats, in order of preference.
 _CONTAINER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "net")
@@ -158,6 +168,8 @@ def export_backbone(
     out: str | os.PathLike[str],
     arch: str,
     which: str = "teacher",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> Path:
     """Write the backbone of a method, module or checkpoint as timm-compatible safetensors.
 
@@ -168,8 +180,13 @@ def export_backbone(
         out: destination ``.safetensors`` (written atomically).
         arch: timm name (or ``resnet50_trunc``), stored in the file's metadata.
         which: ``"teacher"`` or ``"student"`` for DINO-style sources.
+        mean, std: the per-channel input normalisation used in training, stored in the
+            metadata (``pathflow extract --norm auto`` then uses it).
     """
     from safetensors.torch import save_file
+
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
 
     state = _backbone_state(model_or_checkpoint, which)
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
@@ -179,21 +196,99 @@ def export_backbone(
             "CLAM truncated ResNet-50 (no layer4): pathflow.train.load_backbone("
             "'resnet50_trunc', path), or timm resnet50 with layer4 = nn.Identity()"
         )
+    if mean is not None and std is not None:
+        metadata["mean"] = json.dumps(_triple(mean, "mean"))
+        metadata["std"] = json.dumps(_triple(std, "std"))
     out = Path(out)
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return out
 
 
+def _triple(values: Sequence[float], name: str) -> list[float]:
+    out = [float(v) for v in values]
+    if len(out) != 3:
+        raise ValueError(f"{name} must have 3 values (R, G, B), got {len(out)}")
+    return out
+
+
+def weights_normalization(
+    path: str | os.PathLike[str],
+) -> tuple[tuple[float, float, float], tuple[float, float, float]] | None:
+    """``(mean, std)`` recorded in a ``.safetensors`` file's metadata by
+    :func:`export_backbone`, or None (other formats, or not recorded). Reads the header only."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata() or {}
+    if "mean" not in meta or "std" not in meta:
+        return None
+    try:
+        mean, std = (
+            _triple(json.loads(meta["mean"]), "mean"),
+            _triple(json.loads(meta["std"]), "std"),
+        )
+    except (ValueError, TypeError) as exc:
+        raise PathflowError(f"{p}: bad mean/std in the metadata ({exc})") from exc
+    return (mean[0], mean[1], mean[2]), (std[0], std[1], std[2])
+
+
+#: First components of the keys of classifier heads, ignored when loading a backbone.
+_HEAD_PREFIXES = ("head", "fc", "classifier", "heads")
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a backbone state dict into ``model``: timm's ``checkpoint_filter_fn`` of the
+    model's family applied (original-checkpoint conversions), classifier-head keys the model
+    lacks dropped, then every key must match in name and shape.
+
+    Raises:
+        PathflowError: naming how many keys are missing, unexpected or of another shape.
+    """
+    sd = dict(state)
+    filt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if filt is not None:
+        try:
+            sd = dict(filt(sd, model))
+        except Exception as exc:
+            log.debug("checkpoint_filter_fn failed (%s); loading as is", exc)
+    own = model.state_dict()
+    for k in [k for k in sd if k not in own and k.split(".")[0] in _HEAD_PREFIXES]:
+        del sd[k]
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad_shape = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or bad_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", bad_shape)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise PathflowError(f"weights do not fit {type(model).__name__}: {'; '.join(parts)}")
+    model.load_state_dict(sd, strict=True)
+
+
 def load_backbone(
     arch: str,
-    source: str | os.PathLike[str] | Mapping[str, Any],
+    source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     which: str = "teacher",
     weights_only: bool = True,
     **kwargs: Any,
 ) -> nn.Module:
     """Build ``arch`` with :func:`~pathflow.train.backbones.create_backbone` and load
-    ``source`` into it strictly (every key must match).
+    ``source`` into it strictly (:func:`load_state_strict`: every backbone key must match).
+
+    Args:
+        arch: timm name or ``resnet50_trunc``.
+        source: anything :func:`load_backbone_state` reads (file or checkpoint dict); None
+            keeps the initialisation (random, or timm's weights with ``pretrained=True``).
+        which: ``"teacher"`` or ``"student"`` for DINO-style sources.
+        weights_only: see :func:`load_backbone_state`.
+        kwargs: passed to ``create_backbone`` (``pretrained``, ``img_size``...).
+
+    The module's feature dimension is ``module.num_features``.
 
     Example:
         >>> net = load_backbone("vit_small_patch16_224", "backbone.safetensors")  # doctest: +SKIP
@@ -201,8 +296,16 @@ def load_backbone(
     from pathflow.train.backbones import create_backbone
 
     model, _ = create_backbone(arch, **kwargs)
-    model.load_state_dict(load_backbone_state(source, which, weights_only), strict=True)
+    if source is not None:
+        load_state_strict(model, load_backbone_state(source, which, weights_only))
     return model
 
 
-__all__ = ["clean_backbone_state", "export_backbone", "load_backbone", "load_backbone_state"]
+__all__ = [
+    "clean_backbone_state",
+    "export_backbone",
+    "load_backbone",
+    "load_backbone_state",
+    "load_state_strict",
+    "weights_normalization",
+]

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pathflow.train.io import atomic_write_text
+from pathflow.outputs import atomic_write_text
 
 log = logging.getLogger("pathflow.train")
 

@@ -8,10 +8,11 @@ One step::
     loss   = model(views, step)["loss"]           bf16 autocast; DDP all-reduces the gradients
     stop if the loss is not finite on any rank    (the last checkpoint stays as it was; the
                                                   loss averaged over ranks is logged)
-    loss.backward(); clip the gradient norm
+    loss.backward()
     method.before_optimizer_step(step)            DINO: no last-layer update in epoch 0
+    method.clip_gradients(clip_grad)              DINO: per parameter; others: global norm
     optimizer.step()                              AdamW (fused on CUDA, foreach on CPU)
-    method.after_step(step)                       DINO: EMA teacher update
+    method.after_step(step)                       DINO: centre and EMA teacher updates
 
 Run with ``torchrun --nproc-per-node N -m pathflow train ...`` for DDP (NCCL on GPUs, gloo on
 CPU); every rank reads its own share of the shards. Outputs in ``OUT/``: ``config.yaml``
@@ -30,6 +31,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -48,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError, PathflowError
+from pathflow.outputs import atomic_write_text
 from pathflow.train.backbones import create_backbone
 from pathflow.train.checkpoint import (
     load_checkpoint,
@@ -59,7 +63,6 @@ from pathflow.train.checkpoint import (
 from pathflow.train.config import TrainConfig
 from pathflow.train.distributed import DistInfo, init_distributed
 from pathflow.train.export import export_backbone
-from pathflow.train.io import atomic_write_text
 from pathflow.train.methods import SSLMethod, create_method, method_class
 from pathflow.train.metrics import MetricsLogger
 from pathflow.train.schedules import cosine_schedule
@@ -83,7 +86,9 @@ class TrainSummary:
     images_per_s_steady: float
     peak_memory_gb: float
     peak_rss_gb: float
-    final_loss: float
+    slides_per_batch_mean: float | None
+    slides_per_batch_min: int | None
+    final_loss: float | None
     device: str
     world_size: int
     precision: str
@@ -94,10 +99,16 @@ class TrainSummary:
 
     def line(self) -> str:
         mem = f", peak GPU memory {self.peak_memory_gb:.2f} GB" if self.peak_memory_gb else ""
+        loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
+        mix = (
+            f", {self.slides_per_batch_mean:.1f} slides per batch (min {self.slides_per_batch_min})"
+            if self.slides_per_batch_mean is not None
+            else ""
+        )
         return (
             f"pathflow train: {self.method}/{self.arch} steps {self.start_step}->{self.steps}, "
             f"{self.images} images in {self.seconds:.1f} s: {self.images_per_s:.1f} img/s "
-            f"(steady {self.images_per_s_steady:.1f}){mem}, final loss {self.final_loss:.4f}"
+            f"(steady {self.images_per_s_steady:.1f}){mem}{mix}, final loss {loss}"
         )
 
 
@@ -111,6 +122,69 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def resolve_data(data: str) -> Path:
+    """The shard source of ``--data``: a shard folder, ``shards.json``, a ``.tar``, or the
+    output folder of ``pathflow tile --shards`` (its ``shards/``)."""
+    if not data:
+        raise ConfigError("no training data: --data DIR (output of pathflow tile --shards)")
+    p = Path(data)
+    sub = p / "shards"
+    if (
+        p.is_dir()
+        and not (p / "shards.json").is_file()
+        and sub.is_dir()
+        and ((sub / "shards.json").is_file() or any(sub.glob("*.tar")))
+    ):
+        return sub
+    if not p.exists():
+        raise ConfigError(f"{p}: training data not found")
+    return p
+
+
+def data_fingerprint(data: Path) -> str:
+    """sha256 of the data's index: ``shards.json`` when there is one, else the names and
+    sizes of the ``.tar`` files. A re-tiled folder gets another fingerprint."""
+    h = hashlib.sha256()
+    manifest = data if data.name == "shards.json" else data / "shards.json"
+    if manifest.is_file():
+        h.update(manifest.read_bytes())
+    else:
+        tars = [data] if data.is_file() else sorted(data.glob("*.tar"))
+        for tar in tars:
+            h.update(f"{tar.name}\t{tar.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def check_resume(cfg: TrainConfig, ckpt: dict[str, Any], ckpt_path: Path, fingerprint: str) -> None:
+    """Refuse to resume with settings that change what trains: any option but run control
+    (``RUN_CONTROL``) that differs from the checkpoint's, unless listed in
+    ``--allow-changed``; and data whose fingerprint differs."""
+    saved = ckpt.get("config") or {}
+    allowed = set(cfg.allow_changed)
+    diffs = [
+        d for d in cfg.differences(saved)
+        if d not in allowed and d.split(".", 1)[0] not in allowed
+    ]  # fmt: skip
+    if diffs:
+        name = diffs[0]
+        head, _, sub = name.partition(".")
+        mine = cfg.to_dict()
+        old = (saved.get(head) or {}).get(sub) if sub else saved.get(name)
+        new = (mine.get(head) or {}).get(sub) if sub else mine.get(name)
+        more = f" (and {', '.join(diffs[1:])})" if len(diffs) > 1 else ""
+        raise ConfigError(
+            f"{ckpt_path}: --resume with {name} = {new!r}, the run was started with {old!r}"
+            f"{more}; use the same settings, or pass --allow-changed {' '.join(diffs)}"
+        )
+    saved_fp = ckpt.get("data_fingerprint")
+    if saved_fp is not None and saved_fp != fingerprint and "data" not in allowed:
+        raise ConfigError(
+            f"{ckpt_path}: the training data changed since the run started ({cfg.data}: "
+            "shards.json differs, e.g. re-tiled); resume on the same data, or pass "
+            "--allow-changed data"
+        )
 
 
 def resolve_runtime(cfg: TrainConfig, device: torch.device) -> TrainConfig:
@@ -186,6 +260,11 @@ def wrap_ddp(method: SSLMethod, info: DistInfo) -> nn.Module:
         device_ids: list[int] | None = [info.device.index or 0]
     else:
         device_ids = None
+    local = [name for name, _ in method.named_buffers() if name in method.ddp_local_buffers]
+    if local:
+        # Large or self-synchronised buffers (queues, banks, DINO's all-reduced centre) are
+        # not re-broadcast from rank 0 before every forward.
+        DDP._set_params_and_buffers_to_ignore_for_model(method, local)
     return DDP(method, device_ids=device_ids)
 
 
@@ -290,7 +369,7 @@ def train_step(
     wd: float,
 ) -> tuple[float, dict[str, Tensor], Tensor | None]:
     """One optimisation step. Returns the loss averaged over ranks, the method's outputs
-    and the gradient norm (before clipping; None without clipping). Raises
+    and the global gradient norm (before clipping; None without clipping). Raises
     :class:`NonFiniteLossError` before touching the weights if the loss is NaN/inf on any
     rank."""
     set_schedules(optimizer, lr, wd)
@@ -302,12 +381,8 @@ def train_step(
         raise NonFiniteLossError(f"loss is {loss_value} at step {step}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = None
-    if cfg.clip_grad:
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in method.parameters() if p.grad is not None], cfg.clip_grad
-        )
     method.before_optimizer_step(step)
+    grad_norm = method.clip_gradients(cfg.clip_grad) if cfg.clip_grad else None
     optimizer.step()
     method.after_step(step)
     return loss_value, outputs, grad_norm
@@ -346,17 +421,22 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
     resuming = cfg.resume and ckpt_path.exists()
     if ckpt_path.exists() and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
-    if not cfg.data:
-        raise ConfigError("no training data: --data DIR/shards (from pathflow tile --shards)")
+    data = resolve_data(cfg.data)
+    fingerprint = data_fingerprint(data)
+    ckpt = load_checkpoint(ckpt_path) if resuming else None
+    if ckpt is not None:
+        check_resume(cfg, ckpt, ckpt_path, fingerprint)
+        if int(ckpt["step"]) >= _saved_total(ckpt):
+            return _finished(cfg, ckpt, out, info)
 
     # ---- data: the schedules are counted in the loader's batches
-    loader = build_loader(cfg, info)
+    loader = build_loader(dataclasses.replace(cfg, data=str(data)), info)
     cfg.steps_per_epoch = len(loader)
     cfg.world_size = info.world_size
-    if cfg.steps is None:
-        cfg.steps = cfg.epochs * cfg.steps_per_epoch
     total = cfg.total_steps
-    stop_at = min(total, cfg.stop_after or total)
+    if info.is_main:
+        for warning in cfg.schedule_warnings():
+            say(f"pathflow train: warning: {warning}")
 
     # ---- model, optimiser, schedules
     method = build_method(cfg, device)
@@ -368,8 +448,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
     # ---- resume: weights, optimiser, position, loader and RNG states
     step, epoch, last_saved = 0, 0, -1
     seed_everything(cfg.seed + info.rank)
-    if resuming:
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         if int(ckpt["world_size"]) != info.world_size:
             raise ConfigError(
                 f"{ckpt_path} was written by {ckpt['world_size']} process(es), this run has "
@@ -384,6 +463,8 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
             loader.load_state_dict(private["loader"])
         restore_rng(private["rng"])
         del ckpt
+    # --stop-after counts the steps of this job, from where it starts
+    stop_at = min(total, step + cfg.stop_after) if cfg.stop_after else total
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.yaml")
@@ -399,6 +480,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
             f"pathflow train: {cfg.method}/{cfg.arch}, {n_params / 1e6:.1f}M trainable "
             f"parameters, {total} steps of {cfg.batch_size} x {info.world_size} images "
             f"({cfg.steps_per_epoch} per epoch), peak lr {lr_schedule.max():.2e}, "
+            f"schedules {_lengths_text(cfg)}, "
             f"{cfg.precision} on {device}{', compiled' if cfg.compile else ''}"
             f"{f', resuming at step {step}' if resuming else ''}; outputs in {out}"
         )
@@ -406,6 +488,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
     # ---- the loop
     images_per_step = cfg.batch_size * info.world_size
     start_step = step
+    slide_counts: list[int] = []
     last_loss = float("nan")
     t_start = time.perf_counter()
     t_steady: float | None = None
@@ -435,6 +518,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
                     "step": step,
                     "epoch": epoch_next,
                     "config": cfg.to_dict(),
+                    "data_fingerprint": fingerprint,
                     "world_size": info.world_size,
                     "rank_states": blobs,
                 },
@@ -448,6 +532,8 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
             seen = False
             for batch in rng_isolated(loader):
                 seen = True
+                slides = len(set(batch.meta["slide"]))  # this rank's batch
+                slide_counts.append(slides)
                 views = [v.to(device, non_blocking=True) for v in batch.views]
                 try:
                     loss_value, outputs, grad_norm = train_step(
@@ -486,6 +572,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
                             record[k] = float(v.item())
                     if grad_norm is not None:
                         record["grad_norm"] = float(grad_norm.item())
+                    record["slides_per_batch"] = slides
                     record["img_per_s"] = round(ips, 2)
                     record["mem_gb"] = round(peak_memory_gb(device), 3)
                     record["time"] = round(now - t_start, 3)
@@ -535,7 +622,9 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
         ),
         peak_memory_gb=round(peak_memory_gb(device), 3),
         peak_rss_gb=round(peak_rss_gb(), 3),
-        final_loss=last_loss,
+        slides_per_batch_mean=round(float(np.mean(slide_counts)), 3) if slide_counts else None,
+        slides_per_batch_min=min(slide_counts) if slide_counts else None,
+        final_loss=None if math.isnan(last_loss) else last_loss,
         device=str(device),
         world_size=info.world_size,
         precision=cfg.precision,
@@ -545,10 +634,52 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
         out=str(out),
     )
     if info.is_main:
-        export_backbone(method, out / "backbone.safetensors", arch=cfg.arch)
+        spec = getattr(loader, "spec", None)  # the training normalisation, for --norm auto
+        export_backbone(
+            method, out / "backbone.safetensors", arch=cfg.arch,
+            mean=getattr(spec, "mean", None), std=getattr(spec, "std", None),
+        )  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
-        if not math.isnan(last_loss):
-            say(summary.line())
+        say(summary.line())
+    return summary
+
+
+def _lengths_text(cfg: TrainConfig) -> str:
+    return ", ".join(f"{k} {v}" for k, v in cfg.schedule_lengths().items())
+
+
+def _saved_total(ckpt: dict[str, Any]) -> int:
+    """Total steps of the run that wrote ``ckpt``."""
+    saved = ckpt["config"]
+    if saved.get("steps"):
+        return int(saved["steps"])
+    return int(saved["epochs"]) * int(saved["steps_per_epoch"])
+
+
+def _finished(cfg: TrainConfig, ckpt: dict[str, Any], out: Path, info: DistInfo) -> TrainSummary:
+    """``--resume`` of a run that is already complete: say so, change nothing, return the
+    run's summary (``summary.json``, rewritten only if it is missing or unreadable)."""
+    step = int(ckpt["step"])
+    path = out / "summary.json"
+    summary = None
+    if path.is_file():
+        with contextlib.suppress(ValueError, TypeError):
+            summary = TrainSummary(**json.loads(path.read_text()))
+    if summary is None:
+        saved = ckpt["config"]
+        summary = TrainSummary(
+            method=str(ckpt.get("method_name", cfg.method)), arch=str(ckpt.get("arch", cfg.arch)),
+            steps=step, start_step=step, images=0, seconds=0.0, images_per_s=0.0,
+            images_per_s_steady=0.0, peak_memory_gb=0.0, peak_rss_gb=0.0,
+            slides_per_batch_mean=None, slides_per_batch_min=None, final_loss=None,
+            device=str(info.device), world_size=int(ckpt["world_size"]),
+            precision=str(saved.get("precision")), compile=bool(saved.get("compile")),
+            batch_size=int(saved.get("batch_size", cfg.batch_size)), finished=True, out=str(out),
+        )  # fmt: skip
+        if info.is_main:
+            atomic_write_text(path, json.dumps(asdict(summary), indent=2) + "\n")
+    if info.is_main:
+        say(f"pathflow train: {out} is already finished ({step} of {step} steps); nothing to do")
     return summary
 
 

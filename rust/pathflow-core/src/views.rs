@@ -1,11 +1,12 @@
 //! Decode once, cut many views: the CPU kernel of the self-supervised data loader.
 //!
-//! * [`image_info`]: a cheap structural check of an encoded JPEG or PNG (header, sizes,
-//!   channels, end marker) that gives `(width, height)` without decoding, so a loader can
-//!   skip corrupt samples before handing them to a GPU decoder.
+//! * [`image_info`]: a cheap structural check of an encoded JPEG, PNG or WebP (header, sizes,
+//!   channels, end marker / RIFF chunk sizes) that gives `(width, height)` without decoding,
+//!   so a loader can skip corrupt samples before handing them to a GPU decoder.
 //! * [`ViewDecoder::decode_into`] / [`decode_views`]: decode an image once to RGB8 (JPEG with
 //!   libjpeg-turbo-rs, the same pixels as PIL; PNG with the `png` crate, alpha dropped, gray
-//!   expanded), then for every requested view crop a float box, resize it to `S x S` with
+//!   expanded; WebP, lossless or lossy, with the `image` crate's pure-Rust `image-webp`
+//!   decoder, alpha dropped), then for every requested view crop a float box, resize it to `S x S` with
 //!   PIL's antialiased bilinear filter (`Image.resize((S, S), BILINEAR, box=...)`, via
 //!   `fast_image_resize`) and apply one of the eight D4 symmetries (see [`apply_d4`]).
 //!
@@ -39,6 +40,9 @@ pub enum ImageFormat {
     Jpeg,
     /// 8-bit PNG: gray, gray + alpha, RGB or RGBA.
     Png,
+    /// Still WebP (RIFF `WEBP`): lossy `VP8 `, lossless `VP8L`, or extended `VP8X` (with
+    /// alpha or metadata; not animated).
+    WebP,
 }
 
 /// Header facts of an encoded image that passed [`probe`].
@@ -57,7 +61,7 @@ pub struct ImageInfo {
 const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
 const PNG_IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
 
-/// `(width, height)` of a structurally valid JPEG or PNG; see [`probe`].
+/// `(width, height)` of a structurally valid JPEG, PNG or WebP; see [`probe`].
 pub fn image_info(data: &[u8]) -> Result<(u32, u32)> {
     probe(data).map(|i| (i.width, i.height))
 }
@@ -68,8 +72,10 @@ pub fn image_info(data: &[u8]) -> Result<(u32, u32)> {
 /// 8-bit precision, nonzero size and 1 or 3 components, and the EOI marker `FF D9` at the
 /// end of the data (trailing 0x00 padding allowed). PNG: signature, IHDR first with nonzero
 /// size, bit depth 8 and colour type gray, RGB, gray + alpha or RGBA, and an IEND chunk at
-/// the end. Anything else is [`CoreError::Corrupt`] with a short reason. The entropy-coded
-/// data itself is not checked (the decoder does that).
+/// the end. WebP: a `RIFF` / `WEBP` header whose size covers the data exactly (trailing 0x00
+/// padding allowed), chunks that tile it, a `VP8 ` key frame, `VP8L` or `VP8X` (not animated,
+/// with an image chunk) header with a nonzero size. Anything else is [`CoreError::Corrupt`]
+/// with a short reason. The entropy-coded data itself is not checked (the decoder does that).
 pub fn probe(data: &[u8]) -> Result<ImageInfo> {
     if data.is_empty() {
         Err(corrupt("empty image data"))
@@ -77,10 +83,15 @@ pub fn probe(data: &[u8]) -> Result<ImageInfo> {
         probe_jpeg(data)
     } else if data.starts_with(&PNG_SIGNATURE) {
         probe_png(data)
+    } else if data.starts_with(b"RIFF") && data.get(8..12) == Some(b"WEBP") {
+        probe_webp(data)
     } else {
-        Err(corrupt("not a JPEG or PNG"))
+        Err(corrupt(NOT_AN_IMAGE))
     }
 }
+
+/// The reason given for data that is none of the supported formats.
+pub const NOT_AN_IMAGE: &str = "not a JPEG, PNG or WebP";
 
 fn is_sof(marker: u8) -> bool {
     matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC)
@@ -217,6 +228,126 @@ fn probe_png(data: &[u8]) -> Result<ImageInfo> {
         height,
         len: data.len(),
     })
+}
+
+fn le24(b: &[u8]) -> u32 {
+    u32::from(b[0]) | u32::from(b[1]) << 8 | u32::from(b[2]) << 16
+}
+
+fn probe_webp(data: &[u8]) -> Result<ImageInfo> {
+    let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let riff = le32(&data[4..8]) as usize;
+    let end = riff.saturating_add(8);
+    if riff < 4 + 8 {
+        return Err(corrupt(format!("corrupt WebP: RIFF size {riff}")));
+    }
+    if end > data.len() {
+        return Err(corrupt(format!(
+            "truncated WebP: {} of {end} bytes",
+            data.len()
+        )));
+    }
+    if data[end..].iter().any(|&b| b != 0) {
+        return Err(corrupt("corrupt WebP: data after the RIFF chunk"));
+    }
+    // The chunks must tile the RIFF payload exactly (each padded to an even size).
+    let mut chunks: Vec<(&[u8], &[u8])> = Vec::new();
+    let mut pos = 12;
+    while pos < end {
+        let Some(head) = data.get(pos..pos + 8).filter(|_| pos + 8 <= end) else {
+            return Err(corrupt("truncated WebP: chunk header runs past the end"));
+        };
+        let size = le32(&head[4..8]) as usize;
+        let stop = pos + 8 + size;
+        if stop > end {
+            return Err(corrupt(format!(
+                "truncated WebP: chunk {:?} runs past the end",
+                String::from_utf8_lossy(&head[..4])
+            )));
+        }
+        chunks.push((&head[..4], &data[pos + 8..stop]));
+        pos = stop + (size & 1);
+    }
+    if pos != end {
+        return Err(corrupt("corrupt WebP: chunk padding runs past the end"));
+    }
+    let Some(&(first, payload)) = chunks.first() else {
+        return Err(corrupt("corrupt WebP: no chunk"));
+    };
+    let (width, height) = match first {
+        b"VP8 " => vp8_size(payload)?,
+        b"VP8L" => vp8l_size(payload)?,
+        b"VP8X" => {
+            if payload.len() < 10 {
+                return Err(corrupt("corrupt WebP: short VP8X header"));
+            }
+            if payload[0] & 0x02 != 0 {
+                return Err(corrupt("unsupported WebP: animation"));
+            }
+            let image = chunks[1..]
+                .iter()
+                .find(|(id, _)| matches!(*id, b"VP8 " | b"VP8L"));
+            let Some(&(id, body)) = image else {
+                return Err(corrupt("corrupt WebP: VP8X without an image chunk"));
+            };
+            // The bitstream header is checked too; the canvas size is what decodes.
+            if id == b"VP8 " {
+                vp8_size(body)?;
+            } else {
+                vp8l_size(body)?;
+            }
+            (le24(&payload[4..7]) + 1, le24(&payload[7..10]) + 1)
+        }
+        other => {
+            return Err(corrupt(format!(
+                "corrupt WebP: unexpected first chunk {:?}",
+                String::from_utf8_lossy(other)
+            )))
+        }
+    };
+    if width == 0 || height == 0 {
+        return Err(corrupt(format!(
+            "corrupt WebP: empty image {width}x{height}"
+        )));
+    }
+    check_pixels(width, height)?;
+    Ok(ImageInfo {
+        format: ImageFormat::WebP,
+        width,
+        height,
+        len: end,
+    })
+}
+
+/// Size of a lossy `VP8 ` bitstream: a key frame tag, the start code, 14-bit sizes.
+fn vp8_size(p: &[u8]) -> Result<(u32, u32)> {
+    if p.len() < 10 {
+        return Err(corrupt("corrupt WebP: short VP8 header"));
+    }
+    if p[0] & 1 != 0 {
+        return Err(corrupt("corrupt WebP: VP8 data is not a key frame"));
+    }
+    if p[3..6] != [0x9D, 0x01, 0x2A] {
+        return Err(corrupt("corrupt WebP: bad VP8 start code"));
+    }
+    let w = u32::from(u16::from_le_bytes([p[6], p[7]]) & 0x3FFF);
+    let h = u32::from(u16::from_le_bytes([p[8], p[9]]) & 0x3FFF);
+    Ok((w, h))
+}
+
+/// Size of a lossless `VP8L` bitstream: signature 0x2F, 14-bit sizes minus one, version 0.
+fn vp8l_size(p: &[u8]) -> Result<(u32, u32)> {
+    if p.len() < 5 || p[0] != 0x2F {
+        return Err(corrupt("corrupt WebP: bad VP8L header"));
+    }
+    let bits = u32::from_le_bytes([p[1], p[2], p[3], p[4]]);
+    if bits >> 29 != 0 {
+        return Err(corrupt(format!(
+            "unsupported WebP: VP8L version {}",
+            bits >> 29
+        )));
+    }
+    Ok(((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1))
 }
 
 /// One group of views of one image: all share the output side `size`.
@@ -365,7 +496,7 @@ impl ViewDecoder {
         )
     }
 
-    /// Decodes `data` (JPEG or PNG) to RGB8 into the internal buffer; see [`Self::image`].
+    /// Decodes `data` (JPEG, PNG or WebP) to RGB8 into the internal buffer; see [`Self::image`].
     pub fn decode(&mut self, data: &[u8]) -> Result<ImageInfo> {
         let info = probe(data)?;
         let (w, h) = (info.width as usize, info.height as usize);
@@ -386,9 +517,43 @@ impl ViewDecoder {
                 }
             }
             ImageFormat::Png => self.decode_png(data, w, h)?,
+            ImageFormat::WebP => self.decode_webp(&data[..info.len], w, h)?,
         }
         (self.width, self.height) = (w, h);
         Ok(info)
+    }
+
+    fn decode_webp(&mut self, data: &[u8], w: usize, h: usize) -> Result<()> {
+        use image::ImageDecoder;
+        let err = |e: image::ImageError| corrupt(format!("WebP decode failed: {e}"));
+        let mut decoder = image::codecs::webp::WebPDecoder::new(Cursor::new(data)).map_err(err)?;
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(MAX_PIXELS * 4 + (1 << 20));
+        decoder.set_limits(limits).map_err(err)?;
+        let (cw, ch) = decoder.dimensions();
+        if (cw as usize, ch as usize) != (w, h) {
+            return Err(corrupt("WebP header changed between probe and decode"));
+        }
+        let channels = match decoder.color_type() {
+            image::ColorType::Rgb8 => 3,
+            image::ColorType::Rgba8 => 4,
+            c => return Err(corrupt(format!("unsupported WebP: colour type {c:?}"))),
+        };
+        if channels == 3 {
+            return decoder.read_image(&mut self.rgb[..w * h * 3]).map_err(err);
+        }
+        let n = w * h * 4;
+        if self.raw.len() < n {
+            self.raw.resize(n, 0);
+        }
+        decoder.read_image(&mut self.raw[..n]).map_err(err)?;
+        for (o, p) in self.rgb[..w * h * 3]
+            .chunks_exact_mut(3)
+            .zip(self.raw[..n].chunks_exact(4))
+        {
+            o.copy_from_slice(&p[..3]);
+        }
+        Ok(())
     }
 
     fn decode_png(&mut self, data: &[u8], w: usize, h: usize) -> Result<()> {
@@ -616,7 +781,7 @@ mod tests {
         let img = real_patch(32, 32);
         let jpeg = encode_rgb(&img, 32, 32, 90).unwrap();
         assert_eq!(reason(image_info(&[])), "empty image data");
-        assert_eq!(reason(image_info(b"GIF89a....")), "not a JPEG or PNG");
+        assert_eq!(reason(image_info(b"GIF89a....")), NOT_AN_IMAGE);
         assert_eq!(
             reason(image_info(&jpeg[..jpeg.len() - 1])),
             "truncated JPEG: no EOI marker"
@@ -715,6 +880,132 @@ mod tests {
         dec.decode(&png_bytes(&ga, 48, 40, png::ColorType::GrayscaleAlpha))
             .unwrap();
         assert_eq!(dec.image().0, expanded.as_slice());
+    }
+
+    /// Lossless WebP of `pixels` (RGB8 or RGBA8) with the `image` crate's encoder; with an
+    /// ICC profile the file is an extended (`VP8X`) one.
+    fn webp_bytes(pixels: &[u8], w: u32, h: u32, alpha: bool, icc: bool) -> Vec<u8> {
+        use image::ImageEncoder;
+        let mut out = Vec::new();
+        let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
+        if icc {
+            enc.set_icc_profile(vec![0u8; 128]).unwrap();
+        }
+        let colour = if alpha {
+            image::ExtendedColorType::Rgba8
+        } else {
+            image::ExtendedColorType::Rgb8
+        };
+        enc.write_image(pixels, w, h, colour).unwrap();
+        out
+    }
+
+    fn psnr(a: &[u8], b: &[u8]) -> f64 {
+        let mse = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+            .sum::<f64>()
+            / a.len() as f64;
+        10.0 * (255.0 * 255.0 / mse).log10()
+    }
+
+    #[test]
+    fn webp_lossless_decodes_exactly() {
+        let img = real_patch(48, 40);
+        // The shard writer's encoder (plain VP8L) ...
+        let webp = crate::encode::encode(&img, 48, 40, crate::encode::Format::WebP, 90).unwrap();
+        assert_eq!(&webp[12..16], b"VP8L");
+        assert_eq!(image_info(&webp).unwrap(), (48, 40));
+        // ... trailing zero padding is fine, like after a JPEG EOI.
+        let padded = [&webp[..], &[0u8; 3]].concat();
+        assert_eq!(probe(&padded).unwrap().len, webp.len());
+        let mut dec = ViewDecoder::new();
+        dec.decode(&padded).unwrap();
+        assert_eq!(dec.image(), (img.as_slice(), 48, 40));
+        // Alpha is dropped; an extended (VP8X) file reads the same.
+        let rgba: Vec<u8> = img.chunks(3).flat_map(|p| [p[0], p[1], p[2], 9]).collect();
+        for (alpha, icc) in [(true, false), (false, true), (true, true)] {
+            let px = if alpha { &rgba } else { &img };
+            let data = webp_bytes(px, 48, 40, alpha, icc);
+            assert_eq!(&data[12..16], if icc { b"VP8X" } else { b"VP8L" });
+            assert_eq!(image_info(&data).unwrap(), (48, 40));
+            dec.decode(&data).unwrap();
+            assert_eq!(dec.image().0, img.as_slice(), "alpha {alpha}, icc {icc}");
+        }
+        // Whole views through decode_views: the native-size box is the image.
+        let groups = [ViewGroup {
+            boxes: &[[0.0, 0.0, 48.0, 40.0]],
+            d4: &[0],
+            size: 40,
+        }];
+        let out = decode_views(&webp, &groups).unwrap();
+        let square = decode_views(&png_bytes(&img, 48, 40, png::ColorType::Rgb), &groups).unwrap();
+        assert_eq!(out, square);
+    }
+
+    #[test]
+    fn webp_lossy_decodes_close_to_the_source() {
+        // cmu_3 (48x48) saved by PIL/libwebp at quality 90 (lossy VP8), and libwebp's own
+        // decode of it (PIL `Image.open(...).convert("RGB")`).
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/");
+        let webp = std::fs::read(format!("{dir}cmu_3_q90.webp")).unwrap();
+        let libwebp = std::fs::read(format!("{dir}cmu_3_q90_libwebp.rgb")).unwrap();
+        let src = real_patch(48, 48);
+        assert_eq!(&webp[12..16], b"VP8 ");
+        assert_eq!(image_info(&webp).unwrap(), (48, 48));
+        let mut dec = ViewDecoder::new();
+        dec.decode(&webp).unwrap();
+        let (rgb, w, h) = dec.image();
+        assert_eq!((w, h), (48, 48));
+        // Within the codec's loss of the source (27.2 dB for libwebp on this textured patch) ...
+        assert!(psnr(rgb, &src) > 26.0, "psnr {}", psnr(rgb, &src));
+        // ... and exactly the pixels of libwebp (fancy chroma upsampling).
+        assert!(
+            rgb == libwebp.as_slice(),
+            "WebP decode differs from libwebp's"
+        );
+    }
+
+    #[test]
+    fn webp_corrupt_and_truncated_data_is_rejected() {
+        let img = real_patch(32, 32);
+        let webp = crate::encode::encode(&img, 32, 32, crate::encode::Format::WebP, 90).unwrap();
+        assert!(reason(image_info(&webp[..webp.len() - 1])).starts_with("truncated WebP"));
+        assert!(reason(image_info(&webp[..webp.len() / 2])).starts_with("truncated WebP"));
+        assert!(reason(image_info(&webp[..12])).starts_with("truncated WebP"));
+        let mut tiny = webp[..12].to_vec();
+        tiny[4..8].copy_from_slice(&4u32.to_le_bytes());
+        assert!(reason(image_info(&tiny)).contains("RIFF size 4"));
+        let tail = [&webp[..], &[1u8, 2]].concat();
+        assert!(reason(image_info(&tail)).contains("data after the RIFF chunk"));
+        let mut sig = webp.clone();
+        sig[20] = 0x00; // VP8L signature byte
+        assert!(reason(image_info(&sig)).contains("bad VP8L header"));
+        let mut chunk = webp.clone();
+        chunk[12..16].copy_from_slice(b"ABCD");
+        assert!(reason(image_info(&chunk)).contains("unexpected first chunk"));
+        let mut anim = webp_bytes(&img, 32, 32, false, true);
+        anim[20] |= 0x02; // VP8X animation flag
+        assert_eq!(reason(image_info(&anim)), "unsupported WebP: animation");
+        // Decoding reports the same failures, and broken bitstreams, as Corrupt.
+        let groups = [ViewGroup {
+            boxes: &[[0.0, 0.0, 8.0, 8.0]],
+            d4: &[0],
+            size: 8,
+        }];
+        let mut scrambled = webp.clone();
+        let n = scrambled.len();
+        for b in &mut scrambled[25..n] {
+            *b = 0xFF;
+        }
+        assert!(image_info(&scrambled).is_ok());
+        for bad in [&webp[..webp.len() - 2], &sig[..], &anim[..], &scrambled[..]] {
+            assert!(matches!(
+                decode_views(bad, &groups),
+                Err(CoreError::Corrupt(_))
+            ));
+        }
     }
 
     #[test]

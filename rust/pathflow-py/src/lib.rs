@@ -1017,7 +1017,7 @@ thread_local! {
         std::cell::RefCell::new(views::ViewDecoder::new());
 }
 
-/// Structural validity of encoded JPEG/PNG images (nothing decoded): an (N, 2) int32 array
+/// Structural validity of encoded JPEG/PNG/WebP images (nothing decoded): an (N, 2) int32 array
 /// of `(width, height)`, 0 where invalid, and per image `None` or the reason.
 #[pyfunction]
 fn image_info<'py>(

@@ -61,10 +61,13 @@ class DINOLoss(nn.Module):
     def teacher_temp(self, step: int) -> float:
         return float(self.teacher_temps[min(step, len(self.teacher_temps) - 1)])
 
-    def forward(self, student_output: Tensor, teacher_output: Tensor, step: int) -> Tensor:
+    def forward(
+        self, student_output: Tensor, teacher_output: Tensor, step: int, update_center: bool = True
+    ) -> Tensor:
         """``student_output``: ``[ncrops * B, out_dim]`` (views stacked in order, the first
         ``n_global`` being the teacher's), ``teacher_output``: ``[n_global * B, out_dim]``.
-        Returns the scalar loss and updates the centre."""
+        Returns the scalar loss and updates the centre (unless ``update_center`` is False:
+        the trainer's DINO updates it after the step, once the loss is known to be finite)."""
         batch = teacher_output.shape[0] // self.n_global
         ncrops = student_output.shape[0] // batch
         student_out = (student_output.float() / self.student_temp).chunk(ncrops)
@@ -80,7 +83,8 @@ class DINOLoss(nn.Module):
                     continue  # skip the teacher's own view
                 total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
                 n_terms += 1
-        self.update_center(teacher_float)
+        if update_center:
+            self.update_center(teacher_float)
         return total / n_terms
 
     @torch.no_grad()

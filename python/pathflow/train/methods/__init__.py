@@ -9,21 +9,31 @@ Example:
 from __future__ import annotations
 
 from pathflow.train.methods import dino, simclr  # noqa: F401  (register the methods)
-from pathflow.train.methods.base import MultiCropEncoder, SSLMethod, split_decay_groups
-from pathflow.train.methods.dino import DINO
+from pathflow.train.methods.base import (
+    MethodConfig,
+    MultiCropEncoder,
+    SSLMethod,
+    clip_per_parameter,
+    split_decay_groups,
+)
+from pathflow.train.methods.dino import DINO, DINOConfig
 from pathflow.train.methods.registry import (
     create_method,
     list_methods,
     method_class,
     register_method,
 )
-from pathflow.train.methods.simclr import SimCLR
+from pathflow.train.methods.simclr import SimCLR, SimCLRConfig
 
 __all__ = [
     "DINO",
+    "DINOConfig",
+    "MethodConfig",
     "MultiCropEncoder",
     "SSLMethod",
     "SimCLR",
+    "SimCLRConfig",
+    "clip_per_parameter",
     "create_method",
     "list_methods",
     "method_class",

@@ -15,10 +15,53 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from pathflow.config import YamlConfig
+from pathflow.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from pathflow.train.config import TrainConfig
+
+
+@dataclasses.dataclass
+class MethodConfig(YamlConfig):
+    """Base of each method's own options (a dataclass in the method's file).
+
+    ``recipe`` holds the method's defaults for the shared :class:`TrainConfig` fields left
+    ``None`` (lr, weight decay, warmup, clipping, drop path). Fields are the YAML keys of the
+    method's section and the ``--METHOD.NAME`` flags.
+    """
+
+    recipe: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_value(cls, value: Any, method: str) -> Any:
+        """An instance from ``None`` (defaults), a dict of fields (typed, unknown names
+        rejected) or an instance."""
+        if isinstance(value, cls):
+            value = dataclasses.asdict(value)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"options of method {method} must be a mapping, got {value!r}")
+        unknown = sorted(set(value) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) of method {method}: {', '.join(unknown)} "
+                f"(expected {', '.join(cls.field_names()) or 'none'})"
+            )
+        opts = cls(**cls.coerce_values(value, method))
+        opts.validate()
+        return opts
+
+    def schedule_lengths(self, cfg: TrainConfig) -> dict[str, int]:
+        """The method's own schedule lengths in steps (e.g. DINO's temperature warmup)."""
+        return {}
 
 
 class MultiCropEncoder(nn.Module):
@@ -48,6 +91,30 @@ class MultiCropEncoder(nn.Module):
         return self.head(torch.cat(feats) if len(feats) > 1 else feats[0])
 
 
+@torch.no_grad()
+def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> Tensor:
+    """facebookresearch/dino's ``clip_gradients``: each parameter's gradient whose L2 norm
+    exceeds ``max_norm`` is scaled to ``max_norm / (norm + 1e-6)`` of itself, the others are
+    left alone. Returns the global norm before clipping (sqrt of the sum of squares).
+
+    Example:
+        >>> import torch
+        >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+        >>> a.grad, b.grad = torch.tensor([6.0, 8.0]), torch.tensor([1.0])
+        >>> float(clip_per_parameter([a, b], 5.0) ** 2)
+        101.0
+        >>> a.grad.norm().item() < 5.0, b.grad.item()
+        (True, 1.0)
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    for g, n in zip(grads, norms, strict=True):
+        g.mul_(torch.clamp(max_norm / (n + 1e-6), max=1.0))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
 def split_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW parameter groups as dino's ``get_params_groups``: weights decay, biases and
     1-d parameters (norm scales/shifts) do not. Frozen parameters are left out. Each group
@@ -74,6 +141,12 @@ class SSLMethod(nn.Module):
     views_preset: str = ""
     #: Prefix of the exported backbone's keys in this module's ``state_dict``.
     export_prefix: str = "backbone."
+    #: The method's own options (a :class:`MethodConfig` dataclass).
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: Buffers that DDP must not broadcast from rank 0 every step (large queues or banks,
+    #: or state the method keeps identical on every rank itself, e.g. DINO's all-reduced
+    #: centre). Names as in ``state_dict``.
+    ddp_local_buffers: ClassVar[tuple[str, ...]] = ()
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:  # pragma: no cover
         """Loss (key ``"loss"``) and other scalars to log, for one batch of views."""
@@ -83,8 +156,16 @@ class SSLMethod(nn.Module):
         """Called after ``optimizer.step()`` of step ``step`` (e.g. EMA teacher update)."""
 
     def before_optimizer_step(self, step: int) -> None:
-        """Called after backward and gradient clipping, before ``optimizer.step()`` (e.g.
+        """Called after backward, before gradient clipping and ``optimizer.step()`` (e.g.
         DINO drops the last layer's gradients during its first epoch)."""
+
+    def clip_gradients(self, max_norm: float) -> Tensor:
+        """Clip the gradients before ``optimizer.step()``; returns the global gradient norm
+        before clipping (logged as ``grad_norm``). Default: the global norm of all
+        gradients is clipped to ``max_norm`` (``torch.nn.utils.clip_grad_norm_``)."""
+        return torch.nn.utils.clip_grad_norm_(
+            [p for p in self.parameters() if p.grad is not None], max_norm
+        )
 
     def backbone_for_export(self) -> nn.Module:  # pragma: no cover
         """The backbone whose weights are the result of training."""

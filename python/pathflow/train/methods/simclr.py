@@ -2,11 +2,17 @@
 (:class:`~pathflow.train.heads.SimCLRProjectionHead`), NT-Xent with ``2N - 2`` negatives
 (gathered from all ranks under DDP). The backbone is the result.
 
+Optimiser: pathflow trains with AdamW, so the defaults are AdamW's (lr 1e-3 x batch / 256,
+weight decay 0.05, 10 warmup epochs, global-norm clipping off), not SimCLR's LARS recipe
+(weight decay 1e-6, which with AdamW's decoupled decay means no regularisation at all).
+
 Example:
     >>> import torch
     >>> from pathflow.train import TrainConfig, create_backbone, create_method
     >>> net, dim = create_backbone("resnet18")  # doctest: +SKIP
     >>> cfg = TrainConfig(method="simclr", steps=10).resolve()
+    >>> cfg.weight_decay, cfg.options.temperature
+    (0.05, 0.1)
     >>> simclr = create_method("simclr", net, dim, cfg)  # doctest: +SKIP
     >>> views = [torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)]
     >>> simclr(views, step=0)["loss"]  # doctest: +SKIP
@@ -14,18 +20,42 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
+from pathflow.exceptions import ConfigError
 from pathflow.train.backbones import is_cnn
 from pathflow.train.heads import SimCLRProjectionHead
 from pathflow.train.losses import NTXentLoss
-from pathflow.train.methods.base import MultiCropEncoder, SSLMethod
+from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
 from pathflow.train.methods.registry import register_method
 
 if TYPE_CHECKING:
     from pathflow.train.config import TrainConfig
+
+
+@dataclass
+class SimCLRConfig(MethodConfig):
+    """SimCLR's options (YAML section ``simclr:``, flags ``--simclr.NAME``)."""
+
+    recipe: ClassVar[dict[str, Any]] = {
+        "lr": 1e-3,
+        "weight_decay": 0.05,
+        "weight_decay_end": 0.05,
+        "warmup_epochs": 10.0,
+        "drop_path_rate": 0.0,
+        "clip_grad": 0.0,
+    }
+
+    temperature: float = field(default=0.1, metadata={"help": "NT-Xent temperature"})
+    proj_hidden_dim: int = field(default=2048, metadata={"help": "projector hidden width"})
+    proj_dim: int = field(default=128, metadata={"help": "projector output dimension"})
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"simclr temperature must be > 0, got {self.temperature}")
 
 
 @register_method("simclr")
@@ -34,13 +64,15 @@ class SimCLR(SSLMethod):
 
     views_preset = "simclr"
     export_prefix = "encoder.backbone."
+    config_class = SimCLRConfig
 
     def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
         super().__init__()
+        opts: SimCLRConfig = cfg.options
         channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
-        head = SimCLRProjectionHead(embed_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+        head = SimCLRProjectionHead(embed_dim, opts.proj_hidden_dim, opts.proj_dim)
         self.encoder = MultiCropEncoder(backbone, head, channels_last)
-        self.loss = NTXentLoss(cfg.temperature)
+        self.loss = NTXentLoss(opts.temperature)
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         if len(views) < 2:
