@@ -200,3 +200,13 @@ def test_trainer_runs_on_two_gloo_processes(sample_shards: Path, tmp_path: Path)
     assert ckpt["config"]["steps_per_epoch"] == 5  # 43 patches: 21 per rank, 5 batches of 4
     for r in range(WORLD):
         assert torch.load(out / f"r{r}.pt") == {"world_size": 2, "steps": 2}
+
+
+def test_single_process_keeps_the_requested_gpu() -> None:
+    """``--device cuda:1`` in one process is GPU 1 (it used to become the current device);
+    under torchrun each rank takes its LOCAL_RANK; bare ``cuda`` is the current device."""
+    from pathflow.train.distributed import pick_cuda_device
+
+    assert pick_cuda_device(torch.device("cuda:1"), 1, 0, current=0) == torch.device("cuda", 1)
+    assert pick_cuda_device(torch.device("cuda"), 1, 0, current=2) == torch.device("cuda", 2)
+    assert pick_cuda_device(torch.device("cuda:1"), 4, 3, current=0) == torch.device("cuda", 3)

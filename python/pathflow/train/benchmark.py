@@ -123,7 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m pathflow.train.benchmark",
         description="images/s of full training steps on synthetic views (no loader)",
     )
-    p.add_argument("--method", default="dino", choices=["dino", "simclr"])
+    from pathflow.train.methods import list_methods
+
+    p.add_argument("--method", default="dino", choices=list_methods())
     p.add_argument("--arch", default="vit_small_patch16_224")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
