@@ -163,12 +163,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     a = g.add_argument
     a("--arch", default=S, help="timm model name (e.g. vit_small_patch16_224, resnet50) or "
       "resnet50_trunc (CLAM's 1024-d ResNet-50)")  # fmt: skip
-    a("--weights", default=S, help="our .safetensors export or a training/DINO checkpoint")
+    a("--weights", "--weights-256", dest="weights", default=S,
+      help="our .safetensors export or a training/DINO/HIPT checkpoint (with --model hipt: "
+      "the ViT-256's, e.g. HIPT's vit256_small_dino.pth)")  # fmt: skip
     _bool_flag(g, "pretrained", "load timm's pretrained weights (downloaded or cached)")  # type: ignore[arg-type]
     a("--image-size", type=int, default=S, help="input side in pixels (default: the model's)")
-    a("--norm", choices=["auto", "model", "imagenet"], default=S,
+    a("--norm", choices=["auto", "model", "imagenet", "hipt"], default=S,
       help="normalisation: auto (default: the model's own mean/std with --pretrained or as "
-      "recorded in --weights, else ImageNet's), model, imagenet")  # fmt: skip
+      "recorded in --weights, else ImageNet's; with --model regions/hipt, HIPT's), model, "
+      "imagenet, hipt (mean = std = 0.5, HIPT's inference)")  # fmt: skip
+    a("--precision", choices=["auto", "fp32", "bf16"], default=S,
+      help="auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 (also on CPUs with "
+      "bf16 matrix units)")  # fmt: skip
+    _bool_flag(g, "compile", "torch.compile the backbone (default: on CUDA)")  # type: ignore[arg-type]
     a("--batch-size", type=int, default=S, help="images per forward pass (default 64)")
     a("--workers", type=int, default=S, help="read/decode threads (default 2)")
     a("--device", default=S, help="auto (default: cuda if available), cpu, cuda, cuda:1...")
@@ -195,6 +202,19 @@ def _extract_parser(sub: Any) -> argparse.ArgumentParser:
     a("--features-dir", default=S, help="sub-folder of --out for the files (default features)")
     a("--format", choices=["h5", "pt"], default=S, help="h5 (default) or pt (CLAM pt_files)")
     _bool_flag(p, "overwrite", "redo slides whose features file exists")
+    hg = p.add_argument_group("HIPT regions (input: pathflow tile --shards --region R "
+                              "--region-patches)")  # fmt: skip
+    h = hg.add_argument
+    h("--model", choices=["patches", "regions", "hipt"], default=S,
+      help="patches (default): a feature row per patch; regions: each region's grid of "
+      "ViT-256 [CLS] features, region_features [M, G*G, D] float16 (ViT-4K pretraining "
+      "data); hipt: + ViT-4K -> cls4k, mean256, concat per region and the slide means")  # fmt: skip
+    h("--arch-4k", default=S, help="region model (default vit4k_xs, HIPT's ViT-4K)")
+    h("--weights-4k", default=S, help="ViT-4K weights: a pathflow export/checkpoint of "
+      "train --method hipt4k, or HIPT's vit4k_xs_dino.pth (default: random init)")  # fmt: skip
+    _bool_flag(hg, "keep-region-features", "with --model hipt, also store region_features")  # type: ignore[arg-type]
+    h("--region-dtype", choices=["float16", "float32"], default=S,
+      help="dtype of region_features (default float16)")  # fmt: skip
     _model_args(p)
     return p
 
@@ -202,9 +222,12 @@ def _extract_parser(sub: Any) -> argparse.ArgumentParser:
 def _eval_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
-        help="KNN / linear-probe evaluation of a backbone on a labelled patch dataset",
+        help="KNN / linear-probe evaluation of a backbone on labelled patches, or slide-level "
+        "KNN on extracted slide features",
         description="Embed a labelled ImageFolder dataset (ROOT/<class>/<image>) and evaluate "
-        "the features with DINO's weighted KNN or a linear probe.",
+        "the features with DINO's weighted KNN or a linear probe; or (slide-knn) evaluate "
+        "slide embeddings, the mean of each slide's extracted features, with KNN and logistic "
+        "regression under stratified k-fold cross-validation as in HIPT.",
     )
     methods = p.add_subparsers(dest="method", metavar="METHOD", required=True)
     S = _SUPPRESS
@@ -233,6 +256,18 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
             a("--val-fraction", type=float, default=S, help="validation share (default 0.2)")
             a("--max-iter", type=int, default=S, help="L-BFGS iterations (default 500)")
         _model_args(m)
+    # slide-knn's options come from pathflow.evaluate, whose import pulls in numpy: add them
+    # when `pathflow eval ...` is parsed, so that other commands start without it.
+    parse_eval = p.parse_known_args
+
+    def parse_known_args(*args: Any, **kwargs: Any) -> Any:
+        if "slide-knn" not in methods.choices:
+            from pathflow.evaluate.slide_knn import add_slide_knn_parser
+
+            add_slide_knn_parser(methods)
+        return parse_eval(*args, **kwargs)
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
     return p
 
 
@@ -315,6 +350,10 @@ def _cmd_extract(ns: argparse.Namespace) -> int:
 
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
+    if ns.method == "slide-knn":
+        from pathflow.evaluate.slide_knn import cmd_slide_knn
+
+        return cmd_slide_knn(ns)
     from pathflow.evaluate import EvalConfig, run_eval
     from pathflow.exceptions import PathflowError
 

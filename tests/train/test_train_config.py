@@ -166,7 +166,7 @@ def test_registered_method_reaches_the_cli_without_other_edits() -> None:
 
     try:
         help_text = _parser().format_help()
-        assert "{dino,simclr,toy}" in help_text and "--toy.width" in help_text
+        assert "{dino,hipt4k,simclr,toy}" in help_text and "--toy.width" in help_text
         cfg = TrainConfig.build({}, _cli(["--method", "toy", "--toy.width", "7"]))
         assert cfg.options == ToyConfig(width=7) and cfg.lr == 0.25
     finally:

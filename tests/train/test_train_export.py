@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 from pathlib import Path
 
 import pytest
@@ -99,8 +100,13 @@ def test_official_dino_checkpoint_layout(tmp_path: Path) -> None:
     }
     path = tmp_path / "checkpoint.pth"
     torch.save(official, path)
+    # the args Namespace (plain values) is accepted by the safe loader...
+    assert set(load_backbone_state(path)) == set(method.teacher.backbone.state_dict())  # type: ignore[union-attr]
+    # ...other pickled objects are not
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({**official, "sampler": datetime.timezone.utc}, unsafe)
     with pytest.raises(PathflowError, match="weights_only=False"):
-        load_backbone_state(path)
+        load_backbone_state(unsafe)
     expected_t = method.teacher.backbone.state_dict()  # type: ignore[union-attr]
     expected_s = method.student.backbone.state_dict()  # type: ignore[union-attr]
     sd = load_backbone_state(path, weights_only=False)

@@ -31,6 +31,13 @@ from pathflow.data.views import (
 
 if TYPE_CHECKING:
     from pathflow.data.batch import Batch
+    from pathflow.data.features import (
+        FeatureCropSpec,
+        RegionFeatureLoader,
+        RegionFeatureSet,
+        is_region_feature_folder,
+        make_feature_loader,
+    )
     from pathflow.data.loader import Loader, make_loader
     from pathflow.data.stain import fit_stain_stats
 
@@ -39,6 +46,11 @@ _LAZY = {
     "Loader": "pathflow.data.loader",
     "Batch": "pathflow.data.batch",
     "fit_stain_stats": "pathflow.data.stain",
+    "make_feature_loader": "pathflow.data.features",
+    "RegionFeatureLoader": "pathflow.data.features",
+    "RegionFeatureSet": "pathflow.data.features",
+    "FeatureCropSpec": "pathflow.data.features",
+    "is_region_feature_folder": "pathflow.data.features",
 }
 
 
@@ -52,7 +64,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Batch",
+    "FeatureCropSpec",
     "Loader",
+    "RegionFeatureLoader",
+    "RegionFeatureSet",
     "ShardSet",
     "StainStats",
     "ViewParams",
@@ -61,8 +76,10 @@ __all__ = [
     "create_views",
     "epoch_order",
     "fit_stain_stats",
+    "is_region_feature_folder",
     "list_samples",
     "list_views",
+    "make_feature_loader",
     "make_loader",
     "sample_batch_params",
     "sample_cache_dir",

@@ -30,14 +30,18 @@ class ModelOptions:
     batch_size: int = 64
     workers: int = 2
     device: str = "auto"
+    precision: str = "auto"
+    compile: bool | None = None
 
     def validate_model(self) -> None:
         if not self.arch:
             raise ConfigError("no backbone given (--arch NAME, a timm model name)")
         if self.weights is not None and not Path(self.weights).is_file():
             raise ConfigError(f"{self.weights}: weights file not found")
-        if self.norm not in ("auto", "model", "imagenet"):
-            raise ConfigError(f"--norm must be auto, model or imagenet, got {self.norm!r}")
+        if self.norm not in ("auto", "model", "imagenet", "hipt"):
+            raise ConfigError(f"--norm must be auto, model, imagenet or hipt, got {self.norm!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.batch_size < 1 or self.workers < 1:
             raise ConfigError("--batch-size and --workers must be >= 1")
         if self.image_size is not None and self.image_size < 8:
@@ -55,15 +59,37 @@ class ExtractConfig(ModelOptions, YamlConfig):
     features_dir: str = "features"
     format: str = "h5"
     overwrite: bool = False
+    #: ``patches``: one feature row per patch; ``regions``: HIPT's [G*G, D] ViT-256 grid per
+    #: region (region shards); ``hipt``: regions + ViT-4K -> HIPT's region/slide descriptors
+    model: str = "patches"
+    arch_4k: str = "vit4k_xs"
+    weights_4k: str | None = None
+    keep_region_features: bool = False
+    region_dtype: str = "float16"
+    slides: str | None = None
 
     def validate(self) -> None:
         if isinstance(self.inputs, str):
             self.inputs = [self.inputs]
         if not self.inputs:
             raise ConfigError("no input given (shards folder, tile output folder or image folder)")
+        if self.model in ("hipt", "regions") and not self.arch:
+            self.arch = "vit_small_patch16_224"  # HIPT's ViT-256
         self.validate_model()
         if self.format not in ("h5", "pt"):
             raise ConfigError(f"--format must be h5 or pt, got {self.format!r}")
+        if self.model not in ("patches", "regions", "hipt"):
+            raise ConfigError(f"--model must be patches, regions or hipt, got {self.model!r}")
+        if self.model != "patches" and self.format != "h5":
+            raise ConfigError(f"--model {self.model} writes .h5 files only (not --format pt)")
+        if self.weights_4k is not None and not Path(self.weights_4k).is_file():
+            raise ConfigError(f"{self.weights_4k}: ViT-4K weights file not found")
+        if self.weights_4k is not None and self.model != "hipt":
+            raise ConfigError("--weights-4k needs --model hipt")
+        if self.region_dtype not in ("float16", "float32"):
+            raise ConfigError(
+                f"--region-dtype must be float16 or float32, got {self.region_dtype!r}"
+            )
         if not self.features_dir or "/" in self.features_dir or self.features_dir in (".", ".."):
             raise ConfigError(f"--features-dir must be a plain folder name: {self.features_dir!r}")
 
@@ -77,4 +103,6 @@ class ExtractConfig(ModelOptions, YamlConfig):
             "weights": str(Path(self.weights).resolve()) if self.weights else None,
             "pretrained": self.pretrained,
             "image_size": self.image_size,
+            "model": self.model,
+            "weights_4k": str(Path(self.weights_4k).resolve()) if self.weights_4k else None,
         }

@@ -31,8 +31,14 @@ log = logging.getLogger("pathflow.extract")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+#: HIPT's inference normalisation (mean = std = 0.5), ``--norm hipt``.
+HIPT_MEAN = HIPT_STD = (0.5, 0.5, 0.5)
+
 #: Values of ``norm`` (``--norm``).
-NORMS = ("auto", "model", "imagenet")
+NORMS = ("auto", "model", "imagenet", "hipt")
+
+#: Values of ``precision`` (``--precision``).
+PRECISIONS = ("auto", "fp32", "bf16")
 
 Triple = tuple[float, float, float]
 
@@ -56,11 +62,15 @@ class Backbone:
     device: Any
     weights_sha256: str | None = None
     norm_source: str = "imagenet"
+    precision: str = "auto"
 
     @property
     def autocast(self) -> bool:
-        """bf16 autocast on CUDA (features are returned as float32 anyway)."""
-        return bool(self.device.type == "cuda")
+        """bf16 autocast: ``precision`` bf16, or auto on CUDA (features are returned as
+        float32 anyway)."""
+        if self.precision == "auto":
+            return bool(self.device.type == "cuda")
+        return self.precision == "bf16"
 
     def attrs(self) -> dict[str, Any]:
         """What goes into the attrs of every features file (None values are left out)."""
@@ -73,6 +83,7 @@ class Backbone:
             "mean": list(self.mean),
             "std": list(self.std),
             "norm": self.norm_source,
+            "precision": "bf16" if self.autocast else "fp32",
         }
 
     def forward(self, x: Any) -> Any:
@@ -81,7 +92,7 @@ class Backbone:
 
         with torch.inference_mode():
             if self.autocast:
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
                     y = self.module(x)
             else:
                 y = self.module(x)
@@ -97,17 +108,20 @@ def resolve_norm(
     pretrained_cfg: Mapping[str, Any] | None = None,
     pretrained: bool = False,
     weights_norm: tuple[Triple, Triple] | None = None,
+    fallback: str = "imagenet",
 ) -> tuple[Triple, Triple, str]:
     """``(mean, std, source)`` to normalise inputs with; ``source`` is ``"weights"``,
-    ``"pretrained_cfg"`` or ``"imagenet"``.
+    ``"pretrained_cfg"``, ``"imagenet"`` or ``"hipt"``.
 
-    * ``"imagenet"``: ImageNet's mean/std;
+    * ``"imagenet"``: ImageNet's mean/std; ``"hipt"``: HIPT's inference normalisation,
+      mean = std = 0.5;
     * ``"model"``: the model's own: recorded in the weights file (``weights_norm``), else
       timm's ``pretrained_cfg``, else ImageNet's;
     * ``"auto"``: the model's own when it has one, i.e. the weights record one, or the model
       carries timm's pretrained weights (``pretrained``) and so expects its ``pretrained_cfg``
-      normalisation (CLIP's, inception-style 0.5...); ImageNet's otherwise (random
-      initialisation, or weights trained with pathflow's ImageNet default).
+      normalisation (CLIP's, inception-style 0.5...); otherwise ``fallback``'s: ImageNet's
+      (random initialisation, or weights trained with pathflow's ImageNet default), or HIPT's
+      for HIPT's region features (its published weights record no normalisation).
 
     Example:
         >>> resolve_norm("auto", {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}, True)
@@ -117,6 +131,9 @@ def resolve_norm(
     """
     if norm not in NORMS:
         raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if norm == "hipt" or (norm == "auto" and fallback == "hipt" and weights_norm is None
+                          and not pretrained):  # fmt: skip
+        return HIPT_MEAN, HIPT_STD, "hipt"
     if norm != "imagenet":
         if weights_norm is not None:
             return weights_norm[0], weights_norm[1], "weights"
@@ -158,10 +175,16 @@ def load_extractor(
     device: str = "auto",
     seed: int = 0,
     weights_sha256: str | None = None,
+    norm_fallback: str = "imagenet",
+    precision: str = "auto",
+    compile: bool | None = None,
 ) -> Backbone:
     """Create ``arch`` with its weights (:func:`pathflow.train.load_backbone`), frozen in eval
     mode on ``device``. Random initialisation (no weights) is seeded. ``weights_sha256``: the
-    weights file's digest if the caller has it (else computed here), recorded in the attrs."""
+    weights file's digest if the caller has it (else computed here), recorded in the attrs.
+    ``norm_fallback``: see :func:`resolve_norm`. ``precision``: ``auto`` (bf16 autocast on
+    CUDA), ``fp32`` or ``bf16`` (also on CPUs with native bf16 matrix units). ``compile``:
+    ``torch.compile`` the module (default: on CUDA)."""
     import timm
     import torch
 
@@ -198,11 +221,15 @@ def load_extractor(
             raise WeightsError(str(exc)) from exc
         if weights_sha256 is None:
             weights_sha256 = sha256_file(weights)
-    mean, std, source = resolve_norm(norm, cfg, pretrained, weights_norm)
+    mean, std, source = resolve_norm(norm, cfg, pretrained, weights_norm, norm_fallback)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     dev = resolve_device(device)
     module = module.to(dev).eval()  # CNNs are channels-last already (create_backbone)
     for p in module.parameters():
         p.requires_grad_(False)
+    if compile if compile is not None else dev.type == "cuda":
+        module.compile(dynamic=False)
     log.info("backbone %s (%d-d, %d px) on %s, weights %s, mean/std %s (%s)",
              arch, embed_dim, size, dev, weights, mean, source)  # fmt: skip
     return Backbone(
@@ -217,6 +244,7 @@ def load_extractor(
         device=dev,
         weights_sha256=weights_sha256,
         norm_source=source,
+        precision=precision,
     )
 
 

@@ -33,8 +33,22 @@ import numpy as np
 from pathflow.exceptions import ConfigError
 from pathflow.extract.config import ExtractConfig
 from pathflow.extract.engine import Decoder, Embedder
+from pathflow.extract.hierarchy import (
+    HIPT_FORMAT,
+    REGION_FORMAT,
+    ROWS_DATASET,
+    hipt_descriptors,
+    region_rows,
+    write_region_file,
+)
 from pathflow.extract.model import load_extractor
-from pathflow.extract.sources import PatchGroup, PatchRef, discover
+from pathflow.extract.sources import (
+    PatchGroup,
+    PatchRef,
+    RegionGroup,
+    discover,
+    discover_regions,
+)
 from pathflow.extract.writer import is_complete, model_id, write_features
 from pathflow.outputs import atomic_path, sha256_file
 
@@ -52,6 +66,7 @@ class ExtractReport:
     seconds: float = 0.0
     images: int = 0
     embed_seconds: float = 0.0
+    regions: int = 0
 
     @property
     def ok(self) -> bool:
@@ -71,6 +86,9 @@ class ExtractReport:
             f"extracted {len(self.rows)} slide(s) in {self.seconds:.1f} s: {parts}; "
             f"{self.images} images embedded ({self.images_per_second:.1f} images/s) -> {self.out}"
         )
+        if self.regions:
+            rps = self.regions / self.embed_seconds if self.embed_seconds > 0 else 0.0
+            text += f"; {self.regions} regions ({rps:.2f} regions/s)"
         if skipped:
             text += f"; {skipped} undecodable patch(es) skipped"
         return text
@@ -83,32 +101,41 @@ def run_extract(
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    groups = _collect(cfg.inputs)
+    regions = cfg.model != "patches"
+    groups = _collect(cfg.inputs, regions)
     out = Path(cfg.out)
     fdir = out / cfg.features_dir
     report = ExtractReport(out=fdir)
     _check_previous(out / "extract.yaml", cfg)
-    digest = None
-    if cfg.weights is not None:  # once per run: the weights' content, not their path
-        t_hash = time.perf_counter()
-        digest = sha256_file(cfg.weights)
-        log.debug("sha256 of %s in %.1f s", cfg.weights, time.perf_counter() - t_hash)
-    backbone = load_extractor(str(cfg.arch), cfg.weights, cfg.pretrained, cfg.image_size,
-                              cfg.norm, cfg.device, weights_sha256=digest)  # fmt: skip
+    digest = _digest(cfg.weights)
+    image_size = cfg.image_size
+    if regions and image_size is None and groups:
+        # HIPT runs its ViT-256 on the 256 px sub-patches as they are (no resize)
+        image_size = int(groups[0].attrs.get("region_patch_size") or 0) or None
+    backbone = load_extractor(str(cfg.arch), cfg.weights, cfg.pretrained, image_size,
+                              cfg.norm, cfg.device, weights_sha256=digest,
+                              norm_fallback="hipt" if regions else "imagenet",
+                              precision=cfg.precision, compile=cfg.compile)  # fmt: skip
     model_attrs = backbone.attrs()
+    vit4k = None
+    if cfg.model == "hipt":
+        vit4k, attrs_4k = _load_vit4k(cfg, backbone)
+        model_attrs.update(attrs_4k)
     mid = model_id(model_attrs)
     recorded = _recorded_models(out / "extract_manifest.csv")
+    rows_ds = ROWS_DATASET.get(cfg.model, "features")
     todo: list[PatchGroup] = []
     redo: dict[str, int] = {}
     for g in groups:
         dest = fdir / f"{g.name}.{cfg.format}"
+        expected = g.num_regions if isinstance(g, RegionGroup) else len(g)
         done, why = (
-            is_complete(dest, len(g), model_attrs, recorded.get(g.name))
+            is_complete(dest, expected, model_attrs, recorded.get(g.name), rows_ds)
             if not cfg.overwrite
             else (False, "")
         )
         if done:
-            report.rows.append(_row(g.name, "resumed", dest, patches=len(g), model=mid))
+            report.rows.append(_row(g.name, "resumed", dest, patches=expected, model=mid))
             continue
         if dest.exists() and not cfg.overwrite:
             if not redo:
@@ -121,7 +148,8 @@ def run_extract(
     fdir.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "extract.yaml")
     total = sum(len(g) for g in todo)
-    log.info("%d slide(s) to extract (%d patches), %d resumed", len(todo), total,
+    unit = "patches of regions" if regions else "patches"
+    log.info("%d slide(s) to extract (%d %s), %d resumed", len(todo), total, unit,
              len(groups) - len(todo))  # fmt: skip
     embedder = Embedder(backbone, cfg.batch_size, cfg.workers, decoder=decoder)
     bar = tqdm(total=total, unit="img", desc="extract", disable=progress is False or not total,
@@ -131,6 +159,12 @@ def run_extract(
         for g, feats, ok, reasons, secs in _per_group(embedder, todo, bar):
             dest = fdir / f"{g.name}.{cfg.format}"
             report.images += len(g)
+            if isinstance(g, RegionGroup):
+                report.rows.append(
+                    _write_regions(cfg, g, feats, ok, reasons, secs, dest, model_attrs, mid, vit4k)
+                )
+                report.regions += g.num_regions
+                continue
             bad = int((~ok).sum())
             if bad:
                 first = next(r for r in reasons if r)
@@ -160,10 +194,96 @@ def run_extract(
     return report
 
 
-def _collect(inputs: list[str]) -> list[PatchGroup]:
+def _digest(weights: str | None) -> str | None:
+    """sha256 of a weights file, once per run: the weights' content, not their path."""
+    if weights is None:
+        return None
+    t_hash = time.perf_counter()
+    digest = sha256_file(weights)
+    log.debug("sha256 of %s in %.1f s", weights, time.perf_counter() - t_hash)
+    return digest
+
+
+def _load_vit4k(cfg: ExtractConfig, backbone: Any) -> tuple[Any, dict[str, Any]]:
+    """HIPT's ViT-4K on the ViT-256's device (random init seeded, or ``--weights-4k``)."""
+    import torch
+
+    from pathflow.exceptions import PathflowError
+    from pathflow.extract.model import WeightsError, read_state_dict
+    from pathflow.train.export import load_backbone
+
+    state = read_state_dict(cfg.weights_4k) if cfg.weights_4k else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            vit4k = load_backbone(cfg.arch_4k, state)
+        except PathflowError as exc:
+            raise WeightsError(f"{cfg.weights_4k}: {exc}") from exc
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"--arch-4k {cfg.arch_4k}: {exc}") from exc
+    in_dim = int(getattr(vit4k, "in_dim", backbone.embed_dim))
+    if in_dim != backbone.embed_dim:
+        raise ConfigError(
+            f"--arch-4k {cfg.arch_4k} reads {in_dim}-d tokens, --arch {cfg.arch} gives "
+            f"{backbone.embed_dim}-d features"
+        )
+    vit4k = vit4k.to(backbone.device).eval()
+    for p in vit4k.parameters():
+        p.requires_grad_(False)
+    attrs = {
+        "arch_4k": cfg.arch_4k,
+        "weights_4k": str(Path(cfg.weights_4k).resolve()) if cfg.weights_4k else "random-init",
+        "weights_4k_sha256": _digest(cfg.weights_4k),
+        "embed_dim_4k": int(getattr(vit4k, "num_features", 0)),
+    }
+    return vit4k, attrs
+
+
+def _write_regions(
+    cfg: ExtractConfig,
+    g: RegionGroup,
+    feats: np.ndarray,
+    ok: np.ndarray,
+    reasons: list[str | None],
+    secs: float,
+    dest: Path,
+    model_attrs: dict[str, Any],
+    mid: str,
+    vit4k: Any,
+) -> dict[str, Any]:
+    """One slide's region file (``--model regions``/``hipt``); its manifest row."""
+    grids, rok = region_rows(feats, ok, g.grid)
+    bad = int((~rok).sum())
+    if bad:
+        first = next((r for r in reasons if r), "?")
+        log.warning("%s: %d of %d regions have undecodable patches, skipped (e.g. %s)",
+                    g.name, bad, g.num_regions, first)  # fmt: skip
+    if not rok.any():
+        return _row(g.name, "failed", dest, 0, bad, secs, error="no decodable region")
+    kept = grids[rok]
+    attrs = {
+        **g.attrs,
+        **model_attrs,
+        "slide": g.name,
+        "num_regions": int(rok.sum()),
+        "num_skipped": bad,
+        "region_dtype": cfg.region_dtype,
+        "format": HIPT_FORMAT if vit4k is not None else REGION_FORMAT,
+    }
+    descriptors = hipt_descriptors(vit4k, kept) if vit4k is not None else None
+    keep = vit4k is None or cfg.keep_region_features
+    write_region_file(dest, g.coords[rok], attrs, kept if keep else None, descriptors,
+                      cfg.region_dtype)  # fmt: skip
+    return _row(g.name, "ok", dest, int(rok.sum()), bad, secs, model=mid)
+
+
+def _collect(inputs: list[str], regions: bool = False) -> list[PatchGroup]:
     groups: dict[str, PatchGroup] = {}
     for inp in inputs:
-        kind, found = discover(inp)
+        if regions:
+            kind, found = "region shards", list[PatchGroup](discover_regions(inp))
+        else:
+            kind, found = discover(inp)
         log.info("%s: %s, %d group(s)", inp, kind, len(found))
         for g in found:
             if g.name in groups:

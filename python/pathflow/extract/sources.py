@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tarfile
@@ -125,6 +126,20 @@ class _Sample:
     key: str
     image: tuple[int, int]
     meta: tuple[int, int] | None
+    #: ``(offset, size)`` of the region sub-patches ``p000.<ext>``... in row-major order
+    subs: list[tuple[int, int]] = field(default_factory=list)
+
+
+_SUB = re.compile(r"p(\d+)\.(\w+)$")
+
+
+def _subs(comps: dict[str, tuple[int, int]], image_ext: str) -> list[tuple[int, int]]:
+    found = sorted(
+        (int(m.group(1)), v)
+        for k, v in comps.items()
+        if (m := _SUB.match(k)) is not None and m.group(2) == image_ext
+    )
+    return [v for _, v in found]
 
 
 def read_index(tar: Path, image_ext: str) -> list[_Sample]:
@@ -152,7 +167,8 @@ def _read_idx(idx: Path, image_ext: str) -> list[_Sample]:
         off, size, name = comps[image_ext]
         meta = comps.get("json")
         key = name[: -len(image_ext) - 1] if name.endswith("." + image_ext) else name
-        out.append(_Sample(key, (off, size), (meta[0], meta[1]) if meta else None))
+        subs = _subs({k: (v[0], v[1]) for k, v in comps.items()}, image_ext)
+        out.append(_Sample(key, (off, size), (meta[0], meta[1]) if meta else None, subs))
     return out
 
 
@@ -170,7 +186,11 @@ def _scan_tar(tar: Path, image_ext: str) -> list[_Sample]:
         stem, ext = base.split(".", 1)
         key = m.name[: len(m.name) - len(base)] + stem
         samples.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    return [_Sample(k, c[image_ext], c.get("json")) for k, c in samples.items() if image_ext in c]
+    return [
+        _Sample(k, c[image_ext], c.get("json"), _subs(c, image_ext))
+        for k, c in samples.items()
+        if image_ext in c
+    ]
 
 
 def shard_groups(sdir: Path) -> list[PatchGroup]:
@@ -299,3 +319,116 @@ def image_folder_groups(root: Path) -> list[PatchGroup]:
             f"{root}: no images found (expected ROOT/<group>/<image>.jpg|png|tif or shards)"
         )
     return groups
+
+
+# ------------------------------------------------------------------------------------- regions
+@dataclass
+class RegionGroup(PatchGroup):
+    """The regions of one slide for region features: ``refs`` holds every region's
+    ``grid x grid`` sub-patches (region after region, each in row-major order), ``coords``
+    the level-0 top-left corner of each region (one row per region)."""
+
+    grid: int = 0
+
+    @property
+    def num_regions(self) -> int:
+        return len(self.coords)
+
+
+def region_shard_groups(sdir: Path) -> list[RegionGroup]:
+    """Regions of ``pathflow tile --shards --region R --region-patches`` shards, grouped by
+    slide: each sample's ``p000.<ext>``... sub-patches (refs into the tars), region
+    coordinates from the key (or the sample's JSON)."""
+    from pathflow import _core
+
+    summary: dict[str, Any] = {}
+    if (sdir / "shards.json").is_file():
+        try:
+            summary = json.loads((sdir / "shards.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SourceError(f"{sdir / 'shards.json'}: unreadable ({exc})") from exc
+        tars = [sdir / s["name"] for s in summary.get("shards", [])]
+    else:
+        tars = sorted(sdir.glob("*.tar"))
+    if not tars:
+        raise SourceError(f"{sdir}: no shards listed in shards.json and no *.tar files")
+    image_ext = str(summary.get("image_ext", "jpg"))
+    by_key = {_core.sanitize_key(str(s), 60): str(s) for s in summary.get("slides", {})}
+    rows: dict[str, list[tuple[list[PatchRef], int, int]]] = {}
+    first_meta: dict[str, dict[str, Any]] = {}
+    n_sub: int | None = None
+    with ByteReader() as reader:
+        for tar in tars:
+            if not tar.is_file():
+                raise SourceError(f"{tar}: shard listed in shards.json is missing")
+            path = str(tar)
+            for s in read_index(tar, image_ext):
+                if not s.subs:
+                    raise SourceError(
+                        f"{tar}: sample {s.key} holds no region sub-patches (p000.{image_ext}...)"
+                        "; tile with --region SIZE --region-patches"
+                    )
+                if n_sub is None:
+                    n_sub = len(s.subs)
+                elif len(s.subs) != n_sub:
+                    raise SourceError(
+                        f"{tar}: sample {s.key} has {len(s.subs)} sub-patches, others {n_sub}"
+                    )
+                slide, x, y = _slide_xy(s.key, by_key)
+                if (slide is None or slide not in first_meta) and s.meta is not None:
+                    meta = _read_json(reader, PatchRef(path, *s.meta))
+                    if slide is None:
+                        slide = str(meta.get("slide", tar.stem))
+                        x, y = int(meta.get("x", -1)), int(meta.get("y", -1))
+                    first_meta.setdefault(slide, meta)
+                if slide is None:
+                    slide = tar.stem
+                first_meta.setdefault(slide, {})
+                refs = [PatchRef(path, off, size) for off, size in s.subs]
+                rows.setdefault(slide, []).append((refs, x, y))
+    assert n_sub is not None
+    grid = math.isqrt(n_sub)
+    if grid * grid != n_sub:
+        raise SourceError(f"{sdir}: regions hold {n_sub} sub-patches, not a square grid")
+    groups = []
+    for slide in sorted(rows):
+        r = rows[slide]
+        meta = first_meta[slide]
+        attrs = _patch_attrs(meta)
+        attrs.update(_region_attrs(meta, grid))
+        groups.append(
+            RegionGroup(
+                name=slide,
+                refs=[ref for t in r for ref in t[0]],
+                coords=np.array([(t[1], t[2]) for t in r], np.int64).reshape(-1, 2),
+                attrs=attrs,
+                grid=grid,
+            )
+        )
+    return groups
+
+
+def _region_attrs(meta: dict[str, Any], grid: int) -> dict[str, Any]:
+    """Region geometry for the region features file."""
+    out: dict[str, Any] = {"grid": grid}
+    if isinstance(meta.get("patch_size"), (int, float)):
+        out["region_size"] = int(meta["patch_size"])
+    if isinstance(meta.get("sub_patch_size"), (int, float)):
+        out["region_patch_size"] = int(meta["sub_patch_size"])
+    elif "region_size" in out:
+        out["region_patch_size"] = out["region_size"] // grid
+    return out
+
+
+def discover_regions(path: str | os.PathLike[str]) -> list[RegionGroup]:
+    """Region groups of a region shards folder (or the tile output folder holding it)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"{p}: not a folder (expected region shards of pathflow tile --region)")
+    if (p / "shards.json").is_file() or any(p.glob("*.tar")):
+        return region_shard_groups(p)
+    if (p / "shards" / "shards.json").is_file():
+        return region_shard_groups(p / "shards")
+    raise ConfigError(
+        f"{p}: no region shards (run pathflow tile --shards --region 4096 --region-patches)"
+    )

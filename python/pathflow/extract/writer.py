@@ -28,9 +28,11 @@ import numpy.typing as npt
 from pathflow.outputs import _plain, atomic_path
 
 _MODEL_ATTRS = ("arch", "weights", "weights_sha256", "embed_dim", "image_size", "mean", "std",
-                "norm")  # fmt: skip
-#: Model attrs the features depend on: a file made with other values is redone.
-FEATURE_ATTRS = ("arch", "weights", "weights_sha256", "image_size", "mean", "std")
+                "norm", "precision")  # fmt: skip
+#: Model attrs the features depend on: a file made with other values is redone (the ViT-4K's
+#: for HIPT's descriptors; None for patch features).
+FEATURE_ATTRS = ("arch", "weights", "weights_sha256", "image_size", "mean", "std", "arch_4k",
+                 "weights_4k", "weights_4k_sha256")  # fmt: skip
 _GEOMETRY_ATTRS = (
     "patch_size", "patch_level", "patch_size_level0", "read_size", "target_mpp", "mpp",
 )  # fmt: skip
@@ -104,12 +106,17 @@ def _same(have: Any, want: Any) -> bool:
 
 
 def is_complete(
-    path: Path, expected: int, model_attrs: dict[str, Any], recorded_model: str | None = None
+    path: Path,
+    expected: int,
+    model_attrs: dict[str, Any],
+    recorded_model: str | None = None,
+    dataset: str = "features",
 ) -> tuple[bool, str]:
     """Whether ``path`` holds a finished slide of ``expected`` patches by this model.
 
     ``.h5``: readable, ``num_patches + num_skipped == expected`` and the same
-    :data:`FEATURE_ATTRS` (arch, weights path and sha256, input size, mean/std); ``.pt``:
+    :data:`FEATURE_ATTRS` (arch, weights path and sha256, input size, mean/std), rows counted
+    in ``dataset`` (``region_features`` / ``cls4k`` for region files); ``.pt``:
     readable with at most ``expected`` rows, and ``recorded_model`` (the manifest's ``model``
     for the slide) is this model's :func:`model_id`. Returns ``(ok, why not)``.
     """
@@ -126,7 +133,7 @@ def is_complete(
         import h5py
 
         with h5py.File(path, "r") as f:
-            n = int(f["features"].shape[0])
+            n = int(f[dataset].shape[0])
             skipped = int(f.attrs.get("num_skipped", 0))
             for k in FEATURE_ATTRS:
                 have = _plain(f.attrs.get(k))

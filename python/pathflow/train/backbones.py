@@ -3,8 +3,13 @@
 ``create_backbone(name)`` returns ``(module, embed_dim)`` where ``module(images)`` gives pooled
 features ``[B, embed_dim]`` (timm with ``num_classes=0``). Vision transformers are built with
 ``dynamic_img_size=True`` so one backbone takes DINO's 224 px global and 96 px local crops;
-this changes no weight, so the state dict stays the stock timm one. CNNs are converted to
-channels-last memory format.
+this changes no weight, so the state dict stays the stock timm one. Their position embeddings
+are resized to the input's grid as facebookresearch/dino does (bicubic with scale factor
+``(g + 0.1) / 14``, :mod:`pathflow.models.pos_embed`), not as timm does, so DINO- and
+HIPT-trained weights give their published features at any input size (224 px is unaffected).
+CNNs are converted to channels-last memory format. pathflow's own models
+(:func:`pathflow.models.list_models`, e.g. HIPT's ``vit4k_xs`` over feature grids) are built
+by the same call.
 
 ``"resnet50_trunc"`` is the feature extractor of CLAM (``resnet50_baseline`` /
 ``TimmCNNEncoder``): timm ``resnet50`` up to ``layer3`` followed by global average pooling,
@@ -25,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Names handled here rather than by ``timm.create_model``.
-CUSTOM_BACKBONES = ("resnet50_trunc",)
+#: Names handled here rather than by ``timm.create_model`` (plus pathflow.models' names).
+CUSTOM_BACKBONES = ("resnet50_trunc", "vit4k_xs")
 
 
 def is_cnn(module: nn.Module) -> bool:
@@ -70,6 +75,12 @@ def create_backbone(
         >>> net(torch.zeros(2, 3, 64, 64)).shape, dim  # doctest: +SKIP
         (torch.Size([2, 192]), 192)
     """
+    from pathflow.models import create_model, list_models
+    from pathflow.models.pos_embed import supports_dino_pos_embed, use_dino_pos_embed
+
+    if name in list_models():
+        model = create_model(name, pretrained=pretrained, **kwargs)
+        return model, int(model.num_features)  # type: ignore[arg-type]
     if name == "resnet50_trunc":
         model = _timm_model("resnet50.tv_in1k" if pretrained else "resnet50", pretrained, kwargs)
         model.layer4 = nn.Identity()  # type: ignore[assignment]
@@ -78,6 +89,8 @@ def create_backbone(
             model.head_hidden_size = 1024  # type: ignore[assignment]
     else:
         model = _timm_model(name, pretrained, kwargs)
+        if supports_dino_pos_embed(model):
+            use_dino_pos_embed(model)
     embed_dim = int(getattr(model, "num_features", 0))
     if embed_dim <= 0:  # pragma: no cover - every timm classifier has num_features
         with torch.no_grad():

@@ -51,6 +51,10 @@ RUN_CONTROL = (
 )  # fmt: skip
 
 
+#: The backbone of methods whose recipe names none.
+DEFAULT_ARCH = "vit_small_patch16_224"
+
+
 def _h(text: str) -> Any:
     return {"help": text}
 
@@ -63,9 +67,12 @@ class TrainConfig(YamlConfig):
 
     # what to train
     method: str = field(default="dino", metadata=_h("SSL method (pathflow.train.list_methods())"))
-    arch: str = field(
-        default="vit_small_patch16_224",
-        metadata=_h("any timm model name, or resnet50_trunc (CLAM's ResNet-50 to layer3)"),
+    arch: str | None = field(
+        default=None,  # resolved: the method's recipe, else DEFAULT_ARCH
+        metadata=_h(
+            "any timm model name, resnet50_trunc (CLAM's ResNet-50 to layer3) or vit4k_xs "
+            "(HIPT's ViT-4K); default: the method's (vit_small_patch16_224; hipt4k: vit4k_xs)"
+        ),
     )
     pretrained: bool = field(default=False, metadata=_h("start from timm's pretrained weights"))
     img_size: int | None = field(
@@ -188,6 +195,8 @@ class TrainConfig(YamlConfig):
         for name, value in opts_cls.recipe.items():
             if getattr(out, name) is None:
                 setattr(out, name, value)
+        if out.arch is None:
+            out.arch = DEFAULT_ARCH
         if out.views is None:
             out.views = cls.views_preset
         out.options = opts_cls.from_value(out.options, out.method)

@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
 import os
@@ -108,6 +110,14 @@ def clean_backbone_state(
     return state
 
 
+def _checkpoint_globals() -> contextlib.AbstractContextManager[Any]:
+    """Let ``weights_only`` loading accept ``argparse.Namespace``: DINO-style training
+    checkpoints (facebookresearch/dino, HIPT's published ``vit256_small_dino.pth`` /
+    ``vit4k_xs_dino.pth``) store their ``args`` as one, holding plain values only."""
+    safe = getattr(torch.serialization, "safe_globals", None)
+    return safe([argparse.Namespace]) if safe is not None else contextlib.nullcontext()
+
+
 def load_backbone_state(
     source: str | os.PathLike[str] | Mapping[str, Any],
     which: str = "teacher",
@@ -118,7 +128,8 @@ def load_backbone_state(
     Accepts our training checkpoints (``checkpoint.pt``), our ``.safetensors`` exports,
     official DINO checkpoints (``{"teacher": {"backbone.*", "head.*"}, "student":
     {"module.backbone.*", ...}}``), DINO's released backbone weights, and timm/lightning
-    style ``{"state_dict": ...}`` files. ``weights_only=False`` is needed for pickles holding
+    style ``{"state_dict": ...}`` files (DINO's ``args`` namespace is accepted with
+    ``weights_only=True``). ``weights_only=False`` is needed for pickles holding
     other objects (e.g. DINO's ``args`` namespace); use it only on files you trust.
 
     Example:
@@ -135,7 +146,8 @@ def load_backbone_state(
 
         return clean_backbone_state(load_file(str(path)), which=which)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
+        with _checkpoint_globals():
+            ckpt = torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as exc:
         raise PathflowError(
             f"{path}: holds Python objects besides tensors; if you trust the file, load it "

@@ -124,9 +124,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_data(data: str) -> Path:
-    """The shard source of ``--data``: a shard folder, ``shards.json``, a ``.tar``, or the
-    output folder of ``pathflow tile --shards`` (its ``shards/``)."""
+def resolve_data(data: str, kind: str = "images") -> Path:
+    """The source of ``--data``. Images: a shard folder, ``shards.json``, a ``.tar``, or the
+    output folder of ``pathflow tile --shards`` (its ``shards/``). Region features: a folder
+    of ``pathflow extract --model regions`` files, or the extract output folder holding
+    ``features/``."""
+    if kind == "region_features":
+        from pathflow.data.features import is_region_feature_folder
+
+        p = Path(data) if data else Path()
+        if not data or not p.exists():
+            raise ConfigError(
+                f"{data or '--data'}: region features not found (--data DIR, output of "
+                "pathflow extract --model regions)"
+            )
+        if not is_region_feature_folder(p):
+            raise ConfigError(
+                f"{p}: no region-feature .h5 files (region_features [M, G*G, D]); make them "
+                "with pathflow extract SHARDS --model regions"
+            )
+        return p
     if not data:
         raise ConfigError("no training data: --data DIR (output of pathflow tile --shards)")
     p = Path(data)
@@ -148,7 +165,12 @@ def data_fingerprint(data: Path) -> str:
     sizes of the ``.tar`` files. A re-tiled folder gets another fingerprint."""
     h = hashlib.sha256()
     manifest = data if data.name == "shards.json" else data / "shards.json"
-    if manifest.is_file():
+    if data.is_dir() and not manifest.is_file() and not any(data.glob("*.tar")):
+        # region-feature files: names, sizes and modification times
+        for f in sorted(data.rglob("*.h5")):
+            st = f.stat()
+            h.update(f"{f.relative_to(data)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    elif manifest.is_file():
         h.update(manifest.read_bytes())
     else:
         tars = [data] if data.is_file() else sorted(data.glob("*.tar"))
@@ -201,6 +223,9 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
     preset unless ``cfg.views`` names another."""
     from pathflow.data import create_views, make_loader
 
+    output = "bfloat16" if cfg.precision == "bf16" and info.device.type == "cuda" else "float"
+    if method_class(cfg.method).data_kind == "region_features":
+        return build_feature_loader(cfg, info, output)
     views = create_views(
         cfg.views or method_class(cfg.method).views_preset,
         global_size=cfg.global_size,
@@ -217,7 +242,34 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
         rank=info.rank,
         world_size=info.world_size,
         num_workers=cfg.num_workers,
-        output="bfloat16" if cfg.precision == "bf16" and info.device.type == "cuda" else "float",
+        output=output,
+    )
+
+
+def build_feature_loader(cfg: TrainConfig, info: DistInfo, output: str) -> Any:
+    """The region-feature loader of this rank (HIPT ViT-4K views; ``--global-size``,
+    ``--local-size``, ``--num-local`` in grid cells override HIPT's 14 / 6 / 8)."""
+    from pathflow.data.features import FeatureCropSpec, RegionFeatureSet, make_feature_loader
+
+    features = RegionFeatureSet(cfg.data)
+    overrides = {
+        k: v
+        for k, v in (
+            ("global_size", cfg.global_size),
+            ("local_size", cfg.local_size),
+            ("num_local", cfg.num_local),
+        )
+        if v is not None
+    }
+    return make_feature_loader(
+        features,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=str(info.device),
+        output=output,
+        spec=FeatureCropSpec.for_grid(features.grid, **overrides),
     )
 
 
@@ -230,7 +282,7 @@ def build_method(cfg: TrainConfig, device: torch.device) -> SSLMethod:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
     seed_everything(cfg.seed)
     backbone, embed_dim = create_backbone(
-        cfg.arch, pretrained=cfg.pretrained, channels_last=cfg.channels_last, **kwargs
+        str(cfg.arch), pretrained=cfg.pretrained, channels_last=cfg.channels_last, **kwargs
     )
     method = create_method(cfg.method, backbone, embed_dim, cfg)
     return method.to(device)
@@ -421,7 +473,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
     resuming = cfg.resume and ckpt_path.exists()
     if ckpt_path.exists() and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
-    data = resolve_data(cfg.data)
+    data = resolve_data(cfg.data, method_class(cfg.method).data_kind)
     fingerprint = data_fingerprint(data)
     ckpt = load_checkpoint(ckpt_path) if resuming else None
     if ckpt is not None:
@@ -610,7 +662,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
     steady_s = time.perf_counter() - t_steady if t_steady is not None else 0.0
     summary = TrainSummary(
         method=cfg.method,
-        arch=cfg.arch,
+        arch=str(cfg.arch),
         steps=step,
         start_step=start_step,
         images=done * images_per_step,
@@ -636,7 +688,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
     if info.is_main:
         spec = getattr(loader, "spec", None)  # the training normalisation, for --norm auto
         export_backbone(
-            method, out / "backbone.safetensors", arch=cfg.arch,
+            method, out / "backbone.safetensors", arch=str(cfg.arch),
             mean=getattr(spec, "mean", None), std=getattr(spec, "std", None),
         )  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")

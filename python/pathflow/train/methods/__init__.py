@@ -3,12 +3,12 @@
 Example:
     >>> from pathflow.train.methods import list_methods
     >>> list_methods()
-    ['dino', 'simclr']
+    ['dino', 'hipt4k', 'simclr']
 """
 
 from __future__ import annotations
 
-from pathflow.train.methods import dino, simclr  # noqa: F401  (register the methods)
+from pathflow.train.methods import dino, hipt4k, simclr  # noqa: F401  (register the methods)
 from pathflow.train.methods.base import (
     MethodConfig,
     MultiCropEncoder,
@@ -17,6 +17,7 @@ from pathflow.train.methods.base import (
     split_decay_groups,
 )
 from pathflow.train.methods.dino import DINO, DINOConfig
+from pathflow.train.methods.hipt4k import HIPT4K, HIPT4KConfig
 from pathflow.train.methods.registry import (
     create_method,
     list_methods,
@@ -27,7 +28,9 @@ from pathflow.train.methods.simclr import SimCLR, SimCLRConfig
 
 __all__ = [
     "DINO",
+    "HIPT4K",
     "DINOConfig",
+    "HIPT4KConfig",
     "MethodConfig",
     "MultiCropEncoder",
     "SSLMethod",

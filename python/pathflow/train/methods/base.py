@@ -139,6 +139,9 @@ class SSLMethod(nn.Module):
     """
 
     views_preset: str = ""
+    #: What the method trains on: ``"images"`` (WebDataset shards, :mod:`pathflow.data`) or
+    #: ``"region_features"`` (HIPT region-feature files, :mod:`pathflow.data.features`).
+    data_kind: ClassVar[str] = "images"
     #: Prefix of the exported backbone's keys in this module's ``state_dict``.
     export_prefix: str = "backbone."
     #: The method's own options (a :class:`MethodConfig` dataclass).

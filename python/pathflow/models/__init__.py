@@ -1,0 +1,61 @@
+"""pathflow's own models (timm covers the rest), behind a timm-style registry.
+
+* ``vit4k_xs``: HIPT's ViT-4K over grids of ViT-256 features (:mod:`pathflow.models.vit4k`).
+* :mod:`pathflow.models.hipt`: the 256 -> 4096 hierarchy (ViT-256 patch features of a
+  region's grid, ViT-4K region descriptors) and loading HIPT's published checkpoints.
+* :mod:`pathflow.models.pos_embed`: DINO's position-embedding resize, used by every timm
+  ViT that pathflow builds.
+
+Example:
+    >>> from pathflow.models import create_model, list_models
+    >>> list_models()
+    ['vit4k_xs']
+    >>> create_model("vit4k_xs").num_features
+    192
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from pathflow.models.pos_embed import interpolate_pos_encoding, use_dino_pos_embed
+from pathflow.models.vit4k import ViT4K, vit4k_xs
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {"vit4k_xs": vit4k_xs}
+
+#: Keyword arguments of ``timm.create_model`` that pathflow's models accept and ignore
+#: (they are built for feature grids, not images).
+_IMAGE_KWARGS = ("img_size", "dynamic_img_size", "num_classes", "pretrained")
+
+
+def list_models() -> list[str]:
+    """Names of pathflow's own models."""
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build one of :func:`list_models` (``drop_path_rate``, ``drop_rate``... passed on).
+
+    Raises ``KeyError`` naming the known models for an unknown name, and ``ValueError`` for
+    ``pretrained=True`` (load published weights with :func:`pathflow.models.hipt.load_weights`).
+    """
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r} (pathflow models: {', '.join(list_models())})")
+    if kwargs.get("pretrained"):
+        raise ValueError(f"{name}: no built-in pretrained weights; pass a weights file instead")
+    for k in _IMAGE_KWARGS:
+        kwargs.pop(k, None)
+    return _MODELS[name](**kwargs)
+
+
+__all__ = [
+    "ViT4K",
+    "create_model",
+    "interpolate_pos_encoding",
+    "list_models",
+    "use_dino_pos_embed",
+    "vit4k_xs",
+]
