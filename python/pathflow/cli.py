@@ -187,7 +187,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _extract_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "extract",
-        help="patch features of shards or image folders with a timm backbone",
+        help="patch features of shards or image folders; HIPT region features and "
+        "descriptors (--model regions|hipt)",
         description=(
             "Embed every patch of WebDataset shards (pathflow tile --shards: the tile output "
             "folder or its shards/) or of image folders (ROOT/<slide>/<image>) and write one "
@@ -215,6 +216,11 @@ def _extract_parser(sub: Any) -> argparse.ArgumentParser:
     _bool_flag(hg, "keep-region-features", "with --model hipt, also store region_features")  # type: ignore[arg-type]
     h("--region-dtype", choices=["float16", "float32"], default=S,
       help="dtype of region_features (default float16)")  # fmt: skip
+    h("--slides", default=S, help="with region coordinate inputs (pathflow tile --region "
+      "output without --shards, or CLAM patches/*.h5): folder of the slides, found by file "
+      "stem (default: the coordinate files' slide_path)")  # fmt: skip
+    h("--region-patch", type=int, default=S,
+      help="sub-patch size of regions read from coordinates + slides (default 256)")  # fmt: skip
     _model_args(p)
     return p
 

@@ -66,7 +66,10 @@ class ExtractConfig(ModelOptions, YamlConfig):
     weights_4k: str | None = None
     keep_region_features: bool = False
     region_dtype: str = "float16"
+    #: region coordinate inputs: slide folder (default: the files' ``slide_path``) and the
+    #: sub-patch size
     slides: str | None = None
+    region_patch: int = 256
 
     def validate(self) -> None:
         if isinstance(self.inputs, str):

@@ -102,7 +102,7 @@ def run_extract(
 
     t0 = time.perf_counter()
     regions = cfg.model != "patches"
-    groups = _collect(cfg.inputs, regions)
+    groups = _collect(cfg, regions)
     out = Path(cfg.out)
     fdir = out / cfg.features_dir
     report = ExtractReport(out=fdir)
@@ -210,13 +210,17 @@ def _load_vit4k(cfg: ExtractConfig, backbone: Any) -> tuple[Any, dict[str, Any]]
 
     from pathflow.exceptions import PathflowError
     from pathflow.extract.model import WeightsError, read_state_dict
+    from pathflow.models import list_models
     from pathflow.train.export import load_backbone
 
     state = read_state_dict(cfg.weights_4k) if cfg.weights_4k else None
+    kwargs: dict[str, Any] = {}
+    if cfg.arch_4k in list_models():  # ours read the ViT-256's width (384 for ViT-S/16)
+        kwargs["in_dim"] = backbone.embed_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
-            vit4k = load_backbone(cfg.arch_4k, state)
+            vit4k = load_backbone(cfg.arch_4k, state, **kwargs)
         except PathflowError as exc:
             raise WeightsError(f"{cfg.weights_4k}: {exc}") from exc
         except (KeyError, ValueError) as exc:
@@ -277,11 +281,13 @@ def _write_regions(
     return _row(g.name, "ok", dest, int(rok.sum()), bad, secs, model=mid)
 
 
-def _collect(inputs: list[str], regions: bool = False) -> list[PatchGroup]:
+def _collect(cfg: ExtractConfig, regions: bool = False) -> list[PatchGroup]:
+    inputs = cfg.inputs
     groups: dict[str, PatchGroup] = {}
     for inp in inputs:
         if regions:
-            kind, found = "region shards", list[PatchGroup](discover_regions(inp))
+            kind, rfound = discover_regions(inp, cfg.slides, cfg.region_patch)
+            found = list[PatchGroup](rfound)
         else:
             kind, found = discover(inp)
         log.info("%s: %s, %d group(s)", inp, kind, len(found))

@@ -44,11 +44,15 @@ class SourceError(PathflowError):
 
 @dataclass(frozen=True)
 class PatchRef:
-    """Bytes of one encoded image: ``size`` bytes at ``offset`` of ``path`` (-1: whole file)."""
+    """Bytes of one encoded image: ``size`` bytes at ``offset`` of ``path`` (-1: whole file),
+    or ``data`` already in memory (regions read from slides), or the ``error`` that kept it
+    from being produced."""
 
     path: str
     offset: int = 0
     size: int = -1
+    data: bytes | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -74,6 +78,10 @@ class ByteReader:
         self._max = max_open
 
     def read(self, ref: PatchRef) -> bytes:
+        if ref.data is not None:
+            return ref.data
+        if ref.error is not None:
+            raise OSError(ref.error)
         if ref.size < 0:
             return Path(ref.path).read_bytes()
         fd = self._fd(ref.path)
@@ -420,15 +428,24 @@ def _region_attrs(meta: dict[str, Any], grid: int) -> dict[str, Any]:
     return out
 
 
-def discover_regions(path: str | os.PathLike[str]) -> list[RegionGroup]:
-    """Region groups of a region shards folder (or the tile output folder holding it)."""
+def discover_regions(
+    path: str | os.PathLike[str],
+    slides: str | os.PathLike[str] | None = None,
+    region_patch: int = 256,
+) -> tuple[str, list[RegionGroup]]:
+    """``(kind, groups)``: region groups of region shards (a shards folder or the tile output
+    folder holding ``shards/``), else of region coordinate files + slides
+    (:mod:`pathflow.extract.slide_regions`)."""
+    from pathflow.extract.slide_regions import coords_region_groups, is_coords_folder
+
     p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"{p}: not a folder (expected region shards of pathflow tile --region)")
-    if (p / "shards.json").is_file() or any(p.glob("*.tar")):
-        return region_shard_groups(p)
-    if (p / "shards" / "shards.json").is_file():
-        return region_shard_groups(p / "shards")
+    if p.is_dir() and ((p / "shards.json").is_file() or any(p.glob("*.tar"))):
+        return "region shards", region_shard_groups(p)
+    if p.is_dir() and (p / "shards" / "shards.json").is_file():
+        return "region shards", region_shard_groups(p / "shards")
+    if p.exists() and is_coords_folder(p):
+        return "coordinates + slides", coords_region_groups(p, slides, region_patch)
     raise ConfigError(
-        f"{p}: no region shards (run pathflow tile --shards --region 4096 --region-patches)"
+        f"{p}: no region shards or coordinate files (run pathflow tile --region 4096 "
+        "[--shards --region-patches])"
     )

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -127,9 +128,13 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def vit4k_xs(**kwargs: float) -> ViT4K:
-    """HIPT's ``vit4k_xs``: 384 -> 192-d, 6 blocks, 6 heads (2.8M parameters)."""
-    return ViT4K(in_dim=384, embed_dim=192, depth=6, num_heads=6, mlp_ratio=4.0, **kwargs)  # type: ignore[arg-type]
+def vit4k_xs(**kwargs: Any) -> ViT4K:
+    """HIPT's ``vit4k_xs``: 384 -> 192-d, 6 blocks, 6 heads (2.8M parameters). ``in_dim``
+    follows the ViT-256's feature width when it is not ViT-S (e.g. 768 for a ViT-B/16)."""
+    args: dict[str, Any] = {"in_dim": 384, "embed_dim": 192, "depth": 6, "num_heads": 6,
+                            "mlp_ratio": 4.0}  # fmt: skip
+    args.update(kwargs)
+    return ViT4K(**args)
 
 
 __all__ = ["ViT4K", "vit4k_xs"]

@@ -273,9 +273,12 @@ def build_feature_loader(cfg: TrainConfig, info: DistInfo, output: str) -> Any:
     )
 
 
-def build_method(cfg: TrainConfig, device: torch.device) -> SSLMethod:
-    """Backbone + method, initialised from ``cfg.seed`` (identical on every rank)."""
+def build_method(cfg: TrainConfig, device: torch.device, in_dim: int | None = None) -> SSLMethod:
+    """Backbone + method, initialised from ``cfg.seed`` (identical on every rank).
+    ``in_dim``: width of the input features of feature-grid backbones (``vit4k_xs``)."""
     kwargs: dict[str, Any] = {}
+    if in_dim is not None:
+        kwargs["in_dim"] = in_dim
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
     if cfg.drop_path_rate:
@@ -491,7 +494,8 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
             say(f"pathflow train: warning: {warning}")
 
     # ---- model, optimiser, schedules
-    method = build_method(cfg, device)
+    features = getattr(loader, "features", None)  # region features: the grid's width
+    method = build_method(cfg, device, getattr(features, "dim", None))
     optimizer = build_optimizer(method, cfg, device)
     assert cfg.weight_decay is not None and cfg.weight_decay_end is not None
     lr_schedule = cosine_schedule(cfg.scaled_lr(info.world_size), cfg.min_lr, total, cfg.warmup())
