@@ -65,4 +65,3 @@ def two_slide_shards(
     args = ["tile", str(slides), "--slide-mpp-csv", str(mpp), "--out", str(tmp / "out")]
     assert main([*args, "--shards", "--shard-samples", "43", "-q"]) == 0
     return tmp / "out" / "shards"
-

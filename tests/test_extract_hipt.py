@@ -69,7 +69,7 @@ def _sub_patches(shards: Path) -> dict[tuple[str, int, int], list[bytes]]:
     result = {}
     for key, subs in out.items():
         meta = metas[key]
-        g = int(round(len(subs) ** 0.5))
+        g = round(len(subs) ** 0.5)
         step = meta["patch_size_level0"] / g  # level-0 pixels per sub-patch (1026 / 4 here)
         # the JSON's sub-patch coordinates are the row-major grid of the region
         xs = [sc[0] for sc in meta["sub_coords"]]

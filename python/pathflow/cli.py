@@ -262,18 +262,9 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
             a("--val-fraction", type=float, default=S, help="validation share (default 0.2)")
             a("--max-iter", type=int, default=S, help="L-BFGS iterations (default 500)")
         _model_args(m)
-    # slide-knn's options come from pathflow.evaluate, whose import pulls in numpy: add them
-    # when `pathflow eval ...` is parsed, so that other commands start without it.
-    parse_eval = p.parse_known_args
+    from pathflow.evaluate.slide_knn_cli import add_slide_knn_parser
 
-    def parse_known_args(*args: Any, **kwargs: Any) -> Any:
-        if "slide-knn" not in methods.choices:
-            from pathflow.evaluate.slide_knn import add_slide_knn_parser
-
-            add_slide_knn_parser(methods)
-        return parse_eval(*args, **kwargs)
-
-    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+    add_slide_knn_parser(methods)
     return p
 
 
@@ -357,7 +348,7 @@ def _cmd_extract(ns: argparse.Namespace) -> int:
 
 def _cmd_eval(ns: argparse.Namespace) -> int:
     if ns.method == "slide-knn":
-        from pathflow.evaluate.slide_knn import cmd_slide_knn
+        from pathflow.evaluate.slide_knn_cli import cmd_slide_knn
 
         return cmd_slide_knn(ns)
     from pathflow.evaluate import EvalConfig, run_eval

@@ -95,8 +95,9 @@ class SlideRegionRefs:
                 source = open_source(
                     Path(s.slide),
                     s.backend,
-                    PatchSpec(s.read_level, s.read_size, s.region_size, "jpg", s.quality,
-                              s.region_patch),  # fmt: skip
+                    PatchSpec(
+                        s.read_level, s.read_size, s.region_size, "jpg", s.quality, s.region_patch
+                    ),
                     "always",
                     2,
                 )
