@@ -138,7 +138,7 @@ def resolve_data(data: str, kind: str = "images") -> Path:
                 f"{data or '--data'}: region features not found (--data DIR, output of "
                 "pathflow extract --model regions)"
             )
-        if not is_region_feature_folder(p):
+        if not (p.is_file() and p.suffix == ".h5") and not is_region_feature_folder(p):
             raise ConfigError(
                 f"{p}: no region-feature .h5 files (region_features [M, G*G, D]); make them "
                 "with pathflow extract SHARDS --model regions"
@@ -225,6 +225,11 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
 
     output = "bfloat16" if cfg.precision == "bf16" and info.device.type == "cuda" else "float"
     if method_class(cfg.method).data_kind == "region_features":
+        if cfg.views not in (None, "hipt4k"):
+            raise ConfigError(
+                f"--views {cfg.views}: {cfg.method} trains on region-feature crops (views "
+                "hipt4k; sizes with --global-size/--local-size/--num-local in grid cells)"
+            )
         return build_feature_loader(cfg, info, output)
     views = create_views(
         cfg.views or method_class(cfg.method).views_preset,

@@ -159,8 +159,8 @@ class DINO(SSLMethod):
         self._teacher_out = teacher_out.detach()
         return {
             "loss": loss,
-            "teacher_temp": torch.tensor(self.teacher_temp(step)),
-            "momentum": torch.tensor(self.momentum(step)),
+            "teacher_temp": torch.tensor(self.teacher_temp(step), dtype=torch.float64),
+            "momentum": torch.tensor(self.momentum(step), dtype=torch.float64),
         }
 
     def before_optimizer_step(self, step: int) -> None:
