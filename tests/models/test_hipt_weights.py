@@ -250,12 +250,6 @@ def test_vit256_wrong_key_is_named(tmp_path: Path, vit256_teacher: dict[str, Ten
         load_hipt_model("vit_small_patch16_224", path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_state_strict first applies timm's checkpoint_filter_fn, which silently "
-    "resamples a mis-shaped pos_embed (with timm's resize, not DINO's) and "
-    "patch_embed.proj.weight instead of failing",
-)
 def test_vit256_mis_shaped_pos_embed_is_named(
     tmp_path: Path, vit256_teacher: dict[str, Tensor]
 ) -> None:

@@ -40,7 +40,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build one of :func:`list_models` (``drop_path_rate``, ``drop_rate``... passed on).
 
     Raises ``KeyError`` naming the known models for an unknown name, and ``ValueError`` for
-    ``pretrained=True`` (load published weights with :func:`pathflow.models.hipt.load_weights`).
+    ``pretrained=True`` (load published weights with :func:`pathflow.models.hipt.load_hipt_model`).
     """
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r} (pathflow models: {', '.join(list_models())})")

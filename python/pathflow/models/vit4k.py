@@ -13,7 +13,7 @@ is the normed [CLS] token (192-d).
 Parameter names are those of the published HIPT checkpoints (``vit4k_xs_dino.pth``):
 ``cls_token``, ``pos_embed``, ``phi.0.weight`` [192, 384], ``phi.0.bias``,
 ``blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight, bias}``,
-``norm.{weight, bias}``; load them with :func:`pathflow.models.load_hipt_weights`.
+``norm.{weight, bias}``; load them with :func:`pathflow.models.hipt.load_hipt_model`.
 
 Example:
     >>> import torch

@@ -255,7 +255,8 @@ _HEAD_PREFIXES = ("head", "fc", "classifier", "heads")
 def load_state_strict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     """Load a backbone state dict into ``model``: timm's ``checkpoint_filter_fn`` of the
     model's family applied (original-checkpoint conversions), classifier-head keys the model
-    lacks dropped, then every key must match in name and shape.
+    lacks dropped, then every key must match in name and shape (the shape as given: a
+    position embedding or patch kernel of another size is an error, not resampled).
 
     Raises:
         PathflowError: naming how many keys are missing, unexpected or of another shape.
@@ -272,7 +273,13 @@ def load_state_strict(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         del sd[k]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    bad_shape = [k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
+    # shapes as given: the filter may resize (timm resamples pos_embed / patch kernels),
+    # which would hide weights made for another input size or patch size
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    bad_shape = [
+        k for k in sd
+        if k in own and given.get(k, tuple(sd[k].shape)) != tuple(own[k].shape)
+    ]  # fmt: skip
     if missing or unexpected or bad_shape:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", bad_shape)):
