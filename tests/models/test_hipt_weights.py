@@ -253,8 +253,11 @@ def test_vit256_wrong_key_is_named(tmp_path: Path, vit256_teacher: dict[str, Ten
 def test_vit256_mis_shaped_pos_embed_is_named(
     tmp_path: Path, vit256_teacher: dict[str, Tensor]
 ) -> None:
+    # a position embedding of another width (a ViT-S grid of 14 x 14 must be 384-d); a
+    # square grid of another side is a model trained at another size and is rebuilt so
+    # (see test_weights_trained_at_another_size_keep_their_grid)
     key = "pos_embed"
-    sd = {**vit256_teacher, key: torch.zeros(1, 257, 384)}
+    sd = {**vit256_teacher, key: torch.zeros(1, 197, 192)}
     student = constant_state(vit256_layout())
     path = _save(tmp_path / "bad.pth", dino_checkpoint(sd, student, "vit_small"))
     with pytest.raises(PathflowError, match=re.escape(key)):
@@ -302,3 +305,17 @@ def test_vit4k_through_load_extractor(vit4k_ckpt: tuple[Path, dict[str, Tensor]]
     bb = load_extractor("vit4k_xs", weights=str(path), device="cpu", norm_fallback="hipt")
     _assert_teacher(bb.module, vit4k_layout(), teacher)
     assert bb.embed_dim == 192
+
+
+def test_weights_trained_at_another_size_keep_their_grid(tmp_path: Path) -> None:
+    """A ViT trained at 96 px (6 x 6 position grid, e.g. ``pathflow train --img-size 96``) is
+    rebuilt with that grid, not resampled to timm's 224 px default."""
+    from pathflow.train.backbones import create_backbone
+    from pathflow.train.export import load_backbone
+
+    net, _ = create_backbone("vit_tiny_patch16_224", img_size=96)
+    path = tmp_path / "w.pth"
+    torch.save(net.state_dict(), path)
+    loaded = load_backbone("vit_tiny_patch16_224", path)
+    assert loaded.pos_embed.shape == (1, 37, 192)
+    assert torch.equal(loaded.pos_embed, net.pos_embed)

@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import pickle
 import sys
@@ -314,10 +315,29 @@ def load_backbone(
     """
     from pathflow.train.backbones import create_backbone
 
+    state = load_backbone_state(source, which, weights_only) if source is not None else None
+    if state is not None and "img_size" not in kwargs:
+        size = _trained_img_size(state)
+        if size is not None:
+            kwargs["img_size"] = size
     model, _ = create_backbone(arch, **kwargs)
-    if source is not None:
-        load_state_strict(model, load_backbone_state(source, which, weights_only))
+    if state is not None:
+        load_state_strict(model, state)
     return model
+
+
+def _trained_img_size(state: Mapping[str, Tensor]) -> int | None:
+    """Input size a ViT's weights were made for (its position grid x patch size), so that a
+    backbone trained with ``--img-size 96`` is rebuilt with its own 6 x 6 position grid rather
+    than resampled to timm's 224 px default; None for other models."""
+    pos, kernel = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if pos is None or kernel is None or pos.ndim != 3 or kernel.ndim != 4:
+        return None
+    n = int(pos.shape[1]) - 1  # one [CLS] token
+    g = math.isqrt(max(n, 0))
+    if g * g != n or g == 0:
+        return None
+    return g * int(kernel.shape[-1])
 
 
 __all__ = [
