@@ -200,3 +200,28 @@ def test_hipt_extractor_equals_the_two_stages(tiles: Path, tmp_path: Path) -> No
 def test_patch_shards_are_not_region_shards(tmp_path: Path, sample_shards: Path) -> None:
     assert run_cli("extract", sample_shards, "--model", "regions", "--arch", ARCH,
                    "--out", tmp_path, "-q") == 1  # fmt: skip
+
+
+def test_compiled_backbones_get_one_batch_shape(tiles: Path) -> None:
+    """With a static-shape compiled backbone the short last batch is padded to the batch
+    size (no second compilation) and the padding never reaches the features."""
+    import dataclasses
+
+    from pathflow.extract.engine import Embedder
+    from pathflow.extract.sources import discover_regions
+
+    _, groups = discover_regions(tiles / "shards")
+    refs = list(groups[0].refs)  # 2 regions x 16 sub-patches
+    bb = load_extractor(ARCH, image_size=256, norm="hipt", device="cpu", precision="fp32")
+    shapes: list[int] = []
+    module = bb.module
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        shapes.append(len(x))
+        return module(x)
+
+    plain = np.concatenate([b.features for b in Embedder(bb, batch_size=12).embed(refs)])
+    padded_bb = dataclasses.replace(bb, module=spy, compiled=True)
+    padded = np.concatenate([b.features for b in Embedder(padded_bb, batch_size=12).embed(refs)])
+    assert shapes == [12, 12, 12]  # 32 patches: 12 + 12 + 8 padded to 12
+    np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-5)

@@ -121,7 +121,10 @@ class Embedder:
         if bb.device.type == "cuda":
             x = x.pin_memory().to(bb.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
-        y = bb.forward(x)
+        if bb.compiled and len(x) < self.batch_size:
+            # one static shape: a short (last) batch is padded instead of compiled again
+            x = torch.cat([x, x.new_zeros((self.batch_size - len(x), *x.shape[1:]))])
+        y = bb.forward(x)[: idx.size]
         if y.shape != (idx.size, bb.embed_dim):
             raise RuntimeError(
                 f"{bb.arch} returned features of shape {tuple(y.shape)}, "

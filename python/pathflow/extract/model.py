@@ -63,6 +63,8 @@ class Backbone:
     weights_sha256: str | None = None
     norm_source: str = "imagenet"
     precision: str = "auto"
+    #: compiled with static shapes: the embedder pads short batches to one size
+    compiled: bool = False
 
     @property
     def autocast(self) -> bool:
@@ -228,7 +230,8 @@ def load_extractor(
     module = module.to(dev).eval()  # CNNs are channels-last already (create_backbone)
     for p in module.parameters():
         p.requires_grad_(False)
-    if compile if compile is not None else dev.type == "cuda":
+    compiled = bool(compile if compile is not None else dev.type == "cuda")
+    if compiled:
         module.compile(dynamic=False)
     log.info("backbone %s (%d-d, %d px) on %s, weights %s, mean/std %s (%s)",
              arch, embed_dim, size, dev, weights, mean, source)  # fmt: skip
@@ -245,6 +248,7 @@ def load_extractor(
         weights_sha256=weights_sha256,
         norm_source=source,
         precision=precision,
+        compiled=compiled,
     )
 
 
