@@ -52,7 +52,8 @@ def region_rows(
     if len(feats) % n:
         raise ValueError(f"{len(feats)} patch rows are not whole regions of {n}")
     m = len(feats) // n
-    return feats.reshape(m, n, feats.shape[-1]), ok.reshape(m, n).all(axis=1)
+    keep: npt.NDArray[np.bool_] = np.asarray(ok.reshape(m, n).all(axis=1), bool)
+    return feats.reshape(m, n, feats.shape[-1]), keep
 
 
 def hipt_descriptors(vit4k: Any, region_features: npt.NDArray[Any]) -> dict[str, np.ndarray]:

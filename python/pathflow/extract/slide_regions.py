@@ -224,7 +224,7 @@ def coords_region_groups(
             backend=backend,
         )
         grid = region // region_patch
-        geometry = {
+        geometry: dict[str, Any] = {
             "patch_size": region,
             "patch_level": spec.read_level,
             "read_size": read_size,

@@ -91,7 +91,7 @@ def use_dino_pos_embed(model: nn.Module) -> nn.Module:
     register tokens, ``no_embed_class``)."""
     if not supports_dino_pos_embed(model):
         raise ValueError(f"{type(model).__name__}: not a ViT with [CLS] + square position grid")
-    model._pos_embed = types.MethodType(_dino_pos_embed, model)  # type: ignore[method-assign]
+    model._pos_embed = types.MethodType(_dino_pos_embed, model)  # type: ignore[method-assign,assignment]
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None and hasattr(patch_embed, "strict_img_size"):
         patch_embed.strict_img_size = False  # any multiple of the patch size

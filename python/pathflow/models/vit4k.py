@@ -84,7 +84,7 @@ class ViT4K(nn.Module):
                     proj_drop=drop_rate,
                     attn_drop=attn_drop_rate,
                     drop_path=rates[i],
-                    norm_layer=norm,
+                    norm_layer=norm,  # type: ignore[arg-type]
                 )
                 for i in range(depth)
             ]
