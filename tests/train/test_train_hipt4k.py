@@ -16,8 +16,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,27 +44,6 @@ WORLD = 2
 
 
 # ------------------------------------------------------------------------------ the data
-@pytest.fixture(scope="module")
-def region_tiles(
-    tmp_path_factory: pytest.TempPathFactory, cmu_path: Path, pyramid_path: Path
-) -> Path:
-    """``pathflow tile`` output with region shards (1024 px regions, 4 x 4 sub-patches of
-    256 px) of both samples; tiled in a child process (cuCIM must not be imported after a
-    CUDA build of torch)."""
-    tmp = tmp_path_factory.mktemp("hipt4k_tiles")
-    slides = tmp / "slides"
-    slides.mkdir()
-    for src in (cmu_path, pyramid_path):
-        (slides / src.name).symlink_to(src)
-    (tmp / "mpp.csv").write_text(f"slide,mpp\n{pyramid_path.name},0.5\n")
-    cmd = [sys.executable, "-m", "pathflow", "tile", str(slides), "--slide-mpp-csv",
-           str(tmp / "mpp.csv"), "--out", str(tmp / "out"), "--shards", "--region", "1024",
-           "--region-patch", "256", "--region-patches", "-q"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return tmp / "out"
-
-
 @pytest.fixture(scope="module")
 def region_features(region_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The output folder of ``pathflow extract --model regions`` (its ``features/`` holds

@@ -57,6 +57,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pathflow.data.batch import Batch
+from pathflow.data.position import EpochPosition
 from pathflow.data.shardset import epoch_order
 from pathflow.exceptions import ConfigError
 
@@ -445,7 +446,7 @@ class _Raw:
     epoch: int
 
 
-class RegionFeatureLoader:
+class RegionFeatureLoader(EpochPosition):
     """Iterable over :class:`~pathflow.data.batch.Batch` es of HIPT views; see
     :func:`make_feature_loader`. Same interface as :class:`~pathflow.data.loader.Loader`:
     ``len`` (batches per epoch on this rank), :meth:`set_epoch`, :meth:`state_dict` /
@@ -458,16 +459,7 @@ class RegionFeatureLoader:
         self.features = features
         self.spec = spec
         self.cfg = cfg
-        self.epoch = 0
-        self._next = 0
-        self.stats: dict[str, int | float] = {
-            "samples": 0,
-            "batches": 0,
-            "skipped": 0,
-            "slides_per_batch_mean": 0.0,
-            "slides_per_batch_min": 0,
-        }
-        self._slides = [0, 0]
+        self._init_position()
 
     # ---------------------------------------------------------------- order
     def _split(self) -> tuple[int, int]:
@@ -505,57 +497,6 @@ class RegionFeatureLoader:
         )
 
     # ---------------------------------------------------------------- state
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch to iterate; the position is kept if it is the current epoch."""
-        if epoch != self.epoch:
-            self.epoch = epoch
-            self._next = 0
-
-    def state_dict(self) -> dict[str, Any]:
-        c = self.cfg
-        return {
-            "epoch": self.epoch,
-            "batch": self._next,
-            "seed": c.seed,
-            "batch_size": c.batch_size,
-            "world_size": c.world_size,
-            "rank": c.rank,
-            "shuffle_mode": "permutation",
-            "stats": dict(self.stats),
-            "slides": list(self._slides),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        c = self.cfg
-        for k in ("seed", "batch_size", "world_size"):
-            if state.get(k) != getattr(c, k):
-                raise ValueError(
-                    f"cannot resume loader: {k} was {state.get(k)}, now {getattr(c, k)}"
-                )
-        if state.get("shuffle_mode", "permutation") != "permutation":
-            raise ValueError(
-                f"cannot resume loader: shuffle_mode was {state['shuffle_mode']}, now permutation"
-            )
-        self.epoch = int(state["epoch"])
-        self._next = int(state["batch"])
-        self.stats.update(state.get("stats", {}))
-        slides = state.get("slides")
-        self._slides = [int(slides[0]), int(slides[1])] if slides else [0, 0]
-        if not slides:
-            self.stats["slides_per_batch_mean"] = 0.0
-            self.stats["slides_per_batch_min"] = 0
-
-    def _count(self, batch: Batch) -> None:
-        st = self.stats
-        st["batches"] += 1
-        st["samples"] += len(batch)
-        n = len(set(batch.meta["slide"]))
-        first = self._slides[1] == 0
-        self._slides[0] += n
-        self._slides[1] += 1
-        st["slides_per_batch_mean"] = self._slides[0] / self._slides[1]
-        st["slides_per_batch_min"] = n if first else min(int(st["slides_per_batch_min"]), n)
-
     # ------------------------------------------------------------ iteration
     def _read(self, order: I64, epoch: int, b: int) -> _Raw:
         """Read batch ``b`` and draw its crops (background thread)."""

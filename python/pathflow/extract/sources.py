@@ -201,10 +201,9 @@ def _scan_tar(tar: Path, image_ext: str) -> list[_Sample]:
     ]
 
 
-def shard_groups(sdir: Path) -> list[PatchGroup]:
-    """Patches of every shard in ``sdir`` grouped by slide (slides sorted, shard order kept)."""
-    from pathflow import _core
-
+def _shard_listing(sdir: Path) -> tuple[list[Path], str, dict[str, Any]]:
+    """The shards of ``sdir`` (as ``shards.json`` lists them, else ``*.tar``), their image
+    extension and the ``shards.json`` summary (empty without one)."""
     summary: dict[str, Any] = {}
     if (sdir / "shards.json").is_file():
         try:
@@ -216,7 +215,14 @@ def shard_groups(sdir: Path) -> list[PatchGroup]:
         tars = sorted(sdir.glob("*.tar"))
     if not tars:
         raise SourceError(f"{sdir}: no shards listed in shards.json and no *.tar files")
-    image_ext = str(summary.get("image_ext", "jpg"))
+    return tars, str(summary.get("image_ext", "jpg")), summary
+
+
+def shard_groups(sdir: Path) -> list[PatchGroup]:
+    """Patches of every shard in ``sdir`` grouped by slide (slides sorted, shard order kept)."""
+    from pathflow import _core
+
+    tars, image_ext, summary = _shard_listing(sdir)
     slides = dict(summary.get("slides", {}))
     by_key = {_core.sanitize_key(str(s), 60): str(s) for s in slides}
     rows: dict[str, list[tuple[PatchRef, int, int]]] = {}
@@ -349,18 +355,7 @@ def region_shard_groups(sdir: Path) -> list[RegionGroup]:
     coordinates from the key (or the sample's JSON)."""
     from pathflow import _core
 
-    summary: dict[str, Any] = {}
-    if (sdir / "shards.json").is_file():
-        try:
-            summary = json.loads((sdir / "shards.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise SourceError(f"{sdir / 'shards.json'}: unreadable ({exc})") from exc
-        tars = [sdir / s["name"] for s in summary.get("shards", [])]
-    else:
-        tars = sorted(sdir.glob("*.tar"))
-    if not tars:
-        raise SourceError(f"{sdir}: no shards listed in shards.json and no *.tar files")
-    image_ext = str(summary.get("image_ext", "jpg"))
+    tars, image_ext, summary = _shard_listing(sdir)
     by_key = {_core.sanitize_key(str(s), 60): str(s) for s in summary.get("slides", {})}
     rows: dict[str, list[tuple[list[PatchRef], int, int]]] = {}
     first_meta: dict[str, dict[str, Any]] = {}
