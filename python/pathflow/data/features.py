@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from pathflow.data.batch import Batch
 from pathflow.data.position import EpochPosition
 from pathflow.data.shardset import epoch_order
 from pathflow.exceptions import ConfigError
+from pathflow.threads import background
 
 log = logging.getLogger("pathflow.data")
 
@@ -566,52 +566,13 @@ class RegionFeatureLoader(EpochPosition):
         epoch = self.epoch
         order = self.order(epoch)
         on_gpu = self.cfg.device.startswith("cuda")
-        for item in _background(self._produce(order, epoch, self._next, n), _PREFETCH):
+        for item in background(self._produce(order, epoch, self._next, n), _PREFETCH):
             batch = self._finish(item) if on_gpu else item
             self._next = batch.index + 1
             self._count(batch)
             yield batch
         self.epoch += 1
         self._next = 0
-
-
-def _background(items: Iterator[Any], depth: int) -> Iterator[Any]:
-    """Run ``items`` in a thread, ``depth`` items ahead; errors are re-raised here and the
-    thread stops when the consumer does."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(msg: tuple[str, Any]) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(msg, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            for item in items:
-                if not put(("item", item)):
-                    return
-            put(("done", None))
-        except BaseException as exc:  # re-raised in the consumer
-            put(("error", exc))
-
-    thread = threading.Thread(target=work, name="pathflow-features", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        thread.join()
 
 
 def make_feature_loader(

@@ -24,8 +24,6 @@ Example:
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,68 +72,50 @@ class SlideRegionRefs:
         return len(self.coords) * self.grid * self.grid
 
     def __iter__(self) -> Iterator[PatchRef]:
-        from pathflow.tiling.sources import PatchSpec, open_source
+        from pathflow.threads import background
 
         s = self.spec
         n = self.grid * self.grid
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.ahead)
-        stop = threading.Event()
-
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.2)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work() -> None:
-            try:
-                source = open_source(
-                    Path(s.slide),
-                    s.backend,
-                    PatchSpec(
-                        s.read_level, s.read_size, s.region_size, "jpg", s.quality, s.region_patch
-                    ),
-                    "always",
-                    2,
-                )
-            except Exception as exc:  # the slide cannot be opened: every region fails
-                why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                put([why] * len(self.coords))
-                put(None)
-                return
-            try:
-                for start in range(0, len(self.coords), self.chunk):
-                    if not put(source.produce(self.coords[start : start + self.chunk])):
-                        return
-            except Exception as exc:
-                put(exc)
-            finally:
-                source.close()
-            put(None)
-
-        thread = threading.Thread(target=work, name="pathflow-regions", daemon=True)
-        thread.start()
         try:
-            while True:
-                item = q.get()
-                if item is None:
-                    return
-                if isinstance(item, Exception):
-                    raise SourceError(f"{s.slide}: {item}") from item
-                for region in item:
+            for chunk in background(self._chunks(), self.ahead, "pathflow-regions"):
+                for region in chunk:
                     if isinstance(region, str):
                         yield from [PatchRef(s.slide, error=region)] * n
-                    else:
-                        subs = region[1:]  # the whole region's encoding comes first
-                        if len(subs) != n:
-                            raise SourceError(f"{s.slide}: region cut into {len(subs)}, not {n}")
-                        yield from (PatchRef(s.slide, data=b) for b in subs)
+                        continue
+                    subs = region[1:]  # the whole region's encoding comes first
+                    if len(subs) != n:
+                        raise SourceError(f"{s.slide}: region cut into {len(subs)}, not {n}")
+                    yield from (PatchRef(s.slide, data=b) for b in subs)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(f"{s.slide}: {exc}") from exc
+
+    def _chunks(self) -> Iterator[list[list[bytes] | str]]:
+        """Encoded regions, ``chunk`` at a time (an error string for a region that failed;
+        every region fails when the slide cannot be opened)."""
+        from pathflow.tiling.sources import PatchSpec, open_source
+
+        s = self.spec
+        try:
+            source = open_source(
+                Path(s.slide),
+                s.backend,
+                PatchSpec(
+                    s.read_level, s.read_size, s.region_size, "jpg", s.quality, s.region_patch
+                ),
+                "always",
+                2,
+            )
+        except Exception as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            yield [why] * len(self.coords)
+            return
+        try:
+            for start in range(0, len(self.coords), self.chunk):
+                yield source.produce(self.coords[start : start + self.chunk])
         finally:
-            stop.set()
-            thread.join(timeout=5)
+            source.close()
 
 
 def _coord_files(path: Path) -> list[Path]:
