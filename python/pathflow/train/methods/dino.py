@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
 from pathflow.train.backbones import is_cnn
+from pathflow.train.ema import EMA, ema_copy
 from pathflow.train.heads import DINOHead
 from pathflow.train.losses import DINOLoss
 from pathflow.train.methods.base import (
@@ -41,7 +41,7 @@ from pathflow.train.methods.base import (
     clip_per_parameter,
 )
 from pathflow.train.methods.registry import register_method
-from pathflow.train.schedules import cosine_schedule, warmup_constant_schedule
+from pathflow.train.schedules import warmup_constant_schedule
 
 if TYPE_CHECKING:
     from pathflow.train.config import TrainConfig
@@ -104,17 +104,6 @@ class DINOConfig(MethodConfig):
         }
 
 
-def disable_stochastic_layers(module: nn.Module) -> None:
-    """Turn off dropout and stochastic depth (the teacher has neither, as in dino)."""
-    from timm.layers import DropPath
-
-    for m in module.modules():
-        if isinstance(m, DropPath):
-            m.drop_prob = 0.0
-        elif isinstance(m, nn.Dropout):
-            m.p = 0.0
-
-
 @register_method("dino")
 class DINO(SSLMethod):
     """Student/teacher pair and the DINO loss (its centre is a buffer of ``loss``)."""
@@ -130,10 +119,7 @@ class DINO(SSLMethod):
         channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         head = DINOHead(embed_dim, opts.out_dim, norm_last_layer=opts.norm_last_layer)
         self.student = MultiCropEncoder(backbone, head, channels_last)
-        self.teacher = copy.deepcopy(self.student)  # same initial weights, as dino
-        disable_stochastic_layers(self.teacher)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = ema_copy(self.student)  # same initial weights, as dino
         total = cfg.total_steps
         lengths = opts.schedule_lengths(cfg)
         self.loss = DINOLoss(
@@ -147,7 +133,7 @@ class DINO(SSLMethod):
             student_temp=opts.student_temp,
             center_momentum=opts.center_momentum,
         )
-        self.momentum_schedule = cosine_schedule(opts.momentum_teacher, 1.0, total)
+        self.ema = EMA(opts.momentum_teacher, total, "cosine")
         self.freeze_last_layer_steps = lengths["frozen_last_layer"]
         self._teacher_out: Tensor | None = None
 
@@ -179,11 +165,7 @@ class DINO(SSLMethod):
         if self._teacher_out is not None:
             self.loss.update_center(self._teacher_out.float())
             self._teacher_out = None
-        m = float(self.momentum_schedule[min(step, len(self.momentum_schedule) - 1)])
-        teacher = [p.data for p in self.teacher.parameters()]
-        student = [p.detach().data for p in self.student.parameters()]
-        torch._foreach_mul_(teacher, m)
-        torch._foreach_add_(teacher, student, alpha=1.0 - m)
+        self.ema.update(self.teacher, self.student, step)
 
     def backbone_for_export(self) -> nn.Module:
         return self.teacher.backbone
@@ -192,4 +174,4 @@ class DINO(SSLMethod):
         return self.loss.teacher_temp(step)
 
     def momentum(self, step: int) -> float:
-        return float(self.momentum_schedule[min(step, len(self.momentum_schedule) - 1)])
+        return self.ema.momentum(step)
