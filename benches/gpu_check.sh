@@ -8,12 +8,15 @@
 #   3. ViT-4K pretraining steps: python -m pathflow.train.benchmark --method hipt4k --compare
 #      (eager fp32 vs bf16 + compile; target >= 10,000 regions/s);
 #   4. DINO ViT-S/16 training steps: python -m pathflow.train.benchmark --method dino --compare;
-#   5. the other GPU benches (pytest benches -k gpu, minus the ones above), in the time left.
+#   5. SimCLR ResNet-50 two-view training steps (benchmark --method simclr --arch resnet50
+#      --compare; the steps include the embed_std/eff_rank collapse monitors);
+#   6. the other GPU benches (pytest benches -k gpu, minus the ones above), in the time left.
 #
 # Each step runs under its own `timeout` (capped by what is left of GPU_CHECK_BUDGET seconds,
 # default 470), so one hang does not eat the others; a failed step is reported and the next
 # one runs. Everything is tee'd to $OUT/gpu_check.log (OUT defaults to ./gpu_check_out), with
-# the JSON results beside it. Exit status: 0 if every step that ran passed.
+# the JSON results beside it and all their figures gathered in $OUT/gpu_check.json. Exit
+# status: 0 if every step that ran passed.
 #
 # Environment, nothing heavy is built or installed here:
 #   * a .venv in the repo root with `pip install -e ".[train,eval,test]"` done (activated if
@@ -129,6 +132,10 @@ step train-dino 150 "$PY" -m pathflow.train.benchmark --method dino \
     --arch vit_small_patch16_224 --batch-size 128 --device cuda --steps 20 --warmup 5 \
     --compare --json "$OUT/train_dino.json"
 
+step train-simclr-r50 150 "$PY" -m pathflow.train.benchmark --method simclr --arch resnet50 \
+    --batch-size 128 --device cuda --steps 20 --warmup 5 --compare \
+    --json "$OUT/train_simclr_r50.json"
+
 step other-gpu-benches 600 "$PY" -m pytest benches -k \
     "gpu and not regions_gpu and not pretrain_gpu and not train_step_gpu" \
     --benchmark-only -p no:cacheprovider -s -q --benchmark-json "$OUT/bench_other_gpu.json"
@@ -136,6 +143,30 @@ step other-gpu-benches 600 "$PY" -m pytest benches -k \
 echo
 echo "=== summary ($((SECONDS - START)) s of ${BUDGET} s)"
 printf '  %s\n' "${SUMMARY[@]}"
+printf '%s\n' "${SUMMARY[@]}" >"$OUT/steps.txt"
+# every figure of the JSON files above in one file (a missing or broken one is noted)
+timeout 30 "$PY" - "$OUT" <<'EOF' || echo "gpu_check.json: not written"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+figures = {"steps": (out / "steps.txt").read_text().splitlines()}
+for f in sorted(out.glob("*.json")):
+    if f.name == "gpu_check.json":
+        continue
+    try:
+        data = json.loads(f.read_text())
+    except ValueError as exc:
+        figures[f.stem] = f"unreadable: {exc}"
+        continue
+    if "benchmarks" in data:  # pytest-benchmark: name -> mean seconds and extra figures
+        data = {
+            b["name"]: {"mean_s": b["stats"]["mean"], **b.get("extra_info", {})}
+            for b in data["benchmarks"]
+        }
+    figures[f.stem] = data
+(out / "gpu_check.json").write_text(json.dumps(figures, indent=2) + "\n")
+print(f"figures of {len(figures) - 1} JSON file(s) in {out / 'gpu_check.json'}")
+EOF
 return "$FAILED"
 }
 

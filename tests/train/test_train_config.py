@@ -28,8 +28,8 @@ def test_method_recipes() -> None:
     # AdamW defaults: decoupled weight decay 0.05 (1e-6 is LARS's and means none with AdamW)
     assert simclr.weight_decay == simclr.weight_decay_end == 0.05
     assert simclr.total_steps == 20 and simclr.warmup() == 5
-    with pytest.raises(ConfigError, match="unknown method 'byol'"):
-        TrainConfig(method="byol").resolve()
+    with pytest.raises(ConfigError, match="unknown method 'byoll'"):
+        TrainConfig(method="byoll").resolve()
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="fp16").resolve()
     with pytest.raises(ConfigError, match="steps_per_epoch"):
@@ -152,7 +152,7 @@ def test_yaml_then_cli_method_sections_and_saved_config(tmp_path: Path) -> None:
 def test_registered_method_reaches_the_cli_without_other_edits() -> None:
     from dataclasses import field
 
-    from pathflow.train.methods import DINO, MethodConfig, register_method
+    from pathflow.train.methods import DINO, MethodConfig, list_methods, register_method
     from pathflow.train.methods.registry import _METHODS
 
     @dataclass
@@ -166,7 +166,8 @@ def test_registered_method_reaches_the_cli_without_other_edits() -> None:
 
     try:
         help_text = _parser().format_help()
-        assert "{dino,hipt4k,simclr,toy}" in help_text and "--toy.width" in help_text
+        choices = "{" + ",".join(list_methods()) + "}"
+        assert "toy" in choices and choices in help_text and "--toy.width" in help_text
         cfg = TrainConfig.build({}, _cli(["--method", "toy", "--toy.width", "7"]))
         assert cfg.options == ToyConfig(width=7) and cfg.lr == 0.25
     finally:

@@ -29,7 +29,10 @@ def _views(batch: int = 2, n_local: int = 3) -> list[torch.Tensor]:
 
 
 def test_registry() -> None:
-    assert list_methods() == ["dino", "hipt4k", "simclr"]
+    assert list_methods() == [
+        "barlowtwins", "byol", "clubyol", "clusiam", "dino", "hipt4k", "mocov2", "simclr",
+        "simsiam", "swav",
+    ]  # fmt: skip
     net, dim = create_backbone("resnet18")
     with pytest.raises(ConfigError, match="unknown method"):
         create_method("mocov3", net, dim, TrainConfig(steps=1).resolve())

@@ -25,10 +25,13 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
 from torch import nn
+
+from pathflow.exceptions import ConfigError
 
 #: Names handled here rather than by ``timm.create_model`` (plus pathflow.models' names).
 CUSTOM_BACKBONES = ("resnet50_trunc", "vit4k_xs")
@@ -38,6 +41,48 @@ def is_cnn(module: nn.Module) -> bool:
     """True for convolutional trunks (more than one ``Conv2d``; a ViT has one, its patch
     embedding), which benefit from channels-last memory format."""
     return sum(isinstance(m, nn.Conv2d) for m in module.modules()) > 1
+
+
+def backbone_names() -> list[str]:
+    """Every name :func:`create_backbone` takes without a pretrained tag: pathflow's own
+    (``resnet50_trunc``, :func:`pathflow.models.list_models`) and ``timm.list_models()``."""
+    import timm
+
+    from pathflow.models import list_models
+
+    return sorted({*CUSTOM_BACKBONES, *list_models(), *timm.list_models()})
+
+
+def check_backbone(name: str) -> None:
+    """Raise a one-line :class:`~pathflow.exceptions.ConfigError` naming the closest known
+    names if :func:`create_backbone` cannot build ``name``. A timm pretrained tag
+    (``resnet50.tv_in1k``) is allowed; ``hf-hub:`` names are not checked (no network here).
+
+    Example:
+        >>> from pathflow.exceptions import ConfigError
+        >>> try:
+        ...     check_backbone("vit_smal_patch16_224")
+        ... except ConfigError as exc:
+        ...     print(str(exc)[:70])
+        unknown backbone 'vit_smal_patch16_224'; did you mean vit_small_patch1
+    """
+    from pathflow.models import list_models
+
+    if name in CUSTOM_BACKBONES or name in list_models():
+        return
+    import timm
+    from timm.models import parse_model_name, split_model_name_tag
+
+    source, timm_name = parse_model_name(name)
+    if source or timm.is_model(timm_name):
+        return
+    arch = split_model_name_tag(timm_name)[0]
+    close = difflib.get_close_matches(arch, backbone_names(), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        f"unknown backbone {name!r}{hint} (expected a timm.list_models() name, "
+        f"{' or '.join(CUSTOM_BACKBONES)})"
+    )
 
 
 def _timm_model(name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
@@ -70,6 +115,9 @@ def create_backbone(
         channels_last: convert to channels-last memory format; default: CNNs only.
         kwargs: passed to ``timm.create_model`` (e.g. ``img_size=96``, ``drop_path_rate=0.1``).
 
+    Raises :class:`~pathflow.exceptions.ConfigError` naming close matches for an unknown
+    ``name`` (:func:`check_backbone`).
+
     Example:
         >>> net, dim = create_backbone("vit_tiny_patch16_224", img_size=64)  # doctest: +SKIP
         >>> net(torch.zeros(2, 3, 64, 64)).shape, dim  # doctest: +SKIP
@@ -78,6 +126,7 @@ def create_backbone(
     from pathflow.models import create_model, list_models
     from pathflow.models.pos_embed import supports_dino_pos_embed, use_dino_pos_embed
 
+    check_backbone(name)
     if name in list_models():
         model = create_model(name, pretrained=pretrained, **kwargs)
         return model, int(model.num_features)  # type: ignore[arg-type]
@@ -102,4 +151,4 @@ def create_backbone(
     return model, embed_dim
 
 
-__all__ = ["CUSTOM_BACKBONES", "create_backbone", "is_cnn"]
+__all__ = ["CUSTOM_BACKBONES", "backbone_names", "check_backbone", "create_backbone", "is_cnn"]

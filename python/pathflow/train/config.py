@@ -42,6 +42,7 @@ from pathflow.config import YamlConfig, coerce
 from pathflow.exceptions import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 #: Options that may differ between a run and its ``--resume`` (they do not change what
 #: trains); ``steps_per_epoch`` and ``world_size`` are checked on their own.
@@ -50,6 +51,10 @@ RUN_CONTROL = (
     "num_workers", "compile", "out", "data", "steps_per_epoch", "world_size",
 )  # fmt: skip
 
+
+#: Options added after runs were first saved, and the value that reproduces how those runs
+#: trained (a checkpoint without the option resumes when the option has this value).
+_OLDER_BEHAVIOUR: dict[str, Any] = {"optimizer": "adamw", "momentum": None, "lars_eta": 0.001}
 
 #: The backbone of methods whose recipe names none.
 DEFAULT_ARCH = "vit_small_patch16_224"
@@ -121,6 +126,20 @@ class TrainConfig(YamlConfig):
     weight_decay_end: float | None = field(
         default=None, metadata=_h("final weight decay of the cosine schedule (method default)")
     )
+    optimizer: str | None = field(
+        default=None,
+        metadata=_h(
+            "adamw, sgd (with momentum) or lars (SGD with layer-wise trust ratios, "
+            "biases and norm layers excluded, as BYOL/Barlow Twins); default: the "
+            "method's, else adamw"
+        ),
+    )
+    momentum: float | None = field(
+        default=None, metadata=_h("momentum of sgd and lars (default 0.9; not for adamw)")
+    )
+    lars_eta: float = field(
+        default=0.001, metadata=_h("trust coefficient eta of lars (BYOL, Barlow Twins)")
+    )
     clip_grad: float | None = field(
         default=None,
         metadata=_h(
@@ -183,6 +202,7 @@ class TrainConfig(YamlConfig):
     # ----------------------------------------------------------------------------------
     def resolve(self) -> TrainConfig:
         """Fill the method's recipe and options, convert every value to its type, validate."""
+        from pathflow.train.backbones import check_backbone
         from pathflow.train.methods import method_class
 
         types_ = self.field_types()
@@ -197,9 +217,23 @@ class TrainConfig(YamlConfig):
                 setattr(out, name, value)
         if out.arch is None:
             out.arch = DEFAULT_ARCH
+        check_backbone(out.arch)  # before the data: a misspelt --arch names close matches
         if out.views is None:
             out.views = cls.views_preset
         out.options = opts_cls.from_value(out.options, out.method)
+        if out.optimizer is None:
+            out.optimizer = "adamw"
+        if out.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {out.optimizer!r}")
+        if out.optimizer == "adamw":
+            if out.momentum is not None:
+                raise ConfigError("momentum is an option of --optimizer sgd or lars, not adamw")
+        elif out.momentum is None:
+            out.momentum = 0.9
+        elif not 0 <= out.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {out.momentum}")
+        if out.lars_eta <= 0:
+            raise ConfigError(f"lars_eta must be > 0, got {out.lars_eta}")
         if out.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {out.precision!r}")
         for name in ("batch_size", "epochs", "save_every", "log_every"):
@@ -301,6 +335,11 @@ class TrainConfig(YamlConfig):
         for name, value in mine.items():
             if name in RUN_CONTROL:
                 continue
+            if name not in other and name in _OLDER_BEHAVIOUR:
+                # a run saved before this option existed trained as its value here says
+                if value != _OLDER_BEHAVIOUR[name]:
+                    diffs.append(name)
+                continue
             theirs = other.get(name)
             if isinstance(value, dict) and isinstance(theirs, dict):
                 diffs += [
@@ -360,4 +399,4 @@ class TrainConfig(YamlConfig):
         return cfg.resolve()
 
 
-__all__ = ["PRECISIONS", "RUN_CONTROL", "TrainConfig"]
+__all__ = ["OPTIMIZERS", "PRECISIONS", "RUN_CONTROL", "TrainConfig"]

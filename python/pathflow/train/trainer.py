@@ -297,12 +297,23 @@ def build_method(cfg: TrainConfig, device: torch.device, in_dim: int | None = No
 
 
 def build_optimizer(method: SSLMethod, cfg: TrainConfig, device: torch.device) -> Any:
-    """AdamW over the method's parameter groups; fused kernels on CUDA, foreach on CPU."""
+    """``cfg.optimizer`` over the method's parameter groups: AdamW or SGD with momentum
+    (fused kernels on CUDA, foreach on CPU), or :class:`~pathflow.train.optim.LARS` (groups
+    flagged ``lars_exclude``, biases and norms, without trust ratio nor weight decay)."""
+    from pathflow.train.optim import LARS
+
     assert cfg.weight_decay is not None
     groups = method.param_groups(cfg.weight_decay)
-    if device.type == "cuda":
-        return torch.optim.AdamW(groups, lr=0.0, fused=True)
-    return torch.optim.AdamW(groups, lr=0.0, foreach=True)
+    fused = device.type == "cuda"
+    if cfg.optimizer == "lars":
+        assert cfg.momentum is not None, "resolve() first"
+        return LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.lars_eta)
+    if cfg.optimizer == "sgd":
+        assert cfg.momentum is not None, "resolve() first"
+        return torch.optim.SGD(
+            groups, lr=0.0, momentum=cfg.momentum, fused=fused, foreach=not fused
+        )
+    return torch.optim.AdamW(groups, lr=0.0, fused=fused, foreach=not fused)
 
 
 def wrap_ddp(method: SSLMethod, info: DistInfo) -> nn.Module:
@@ -341,9 +352,13 @@ def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractConte
     return contextlib.nullcontext()
 
 
-def set_schedules(optimizer: Any, lr: float, wd: float) -> None:
+def set_schedules(optimizer: Any, lr: float, wd: float, peak_lr: float | None = None) -> None:
+    """This step's learning rate and weight decay in every parameter group. Groups marked
+    ``fixed_lr`` (SimSiam's predictor) keep ``peak_lr``, the peak of the schedule (``lr``
+    when not given); groups with ``apply_wd`` False keep their weight decay."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        fixed = group.get("fixed_lr", False) and peak_lr is not None
+        group["lr"] = peak_lr if fixed else lr
         if group.get("apply_wd", True):
             group["weight_decay"] = wd
 
@@ -432,7 +447,7 @@ def train_step(
     and the global gradient norm (before clipping; None without clipping). Raises
     :class:`NonFiniteLossError` before touching the weights if the loss is NaN/inf on any
     rank."""
-    set_schedules(optimizer, lr, wd)
+    set_schedules(optimizer, lr, wd, peak_lr=cfg.scaled_lr(info.world_size))
     with autocast(cfg, info.device):
         outputs = model(views, step)
     loss = outputs["loss"]

@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 from pathflow.train.heads.dino_head import DINOHead, WeightNormLinear
+from pathflow.train.heads.mlp import MLPHead
 from pathflow.train.heads.projection_head import GlobalBatchNorm1d, SimCLRProjectionHead
 
-__all__ = ["DINOHead", "GlobalBatchNorm1d", "SimCLRProjectionHead", "WeightNormLinear"]
+__all__ = ["DINOHead", "GlobalBatchNorm1d", "MLPHead", "SimCLRProjectionHead", "WeightNormLinear"]

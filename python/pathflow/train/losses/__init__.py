@@ -1,4 +1,4 @@
-"""Self-supervised losses (DINO, NT-Xent).
+"""Self-supervised losses (DINO, NT-Xent, InfoNCE with a queue, negative cosine).
 
 Example:
     >>> from pathflow.train.losses import DINOLoss, NTXentLoss
@@ -9,6 +9,15 @@ Example:
 from __future__ import annotations
 
 from pathflow.train.losses.dino_loss import DINOLoss
+from pathflow.train.losses.infonce import InfoNCELoss, KeyQueue
+from pathflow.train.losses.negative_cosine import BYOLLoss, NegativeCosineLoss
 from pathflow.train.losses.ntxent_loss import NTXentLoss
 
-__all__ = ["DINOLoss", "NTXentLoss"]
+__all__ = [
+    "BYOLLoss",
+    "DINOLoss",
+    "InfoNCELoss",
+    "KeyQueue",
+    "NTXentLoss",
+    "NegativeCosineLoss",
+]

@@ -118,7 +118,9 @@ def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> Tensor:
 def split_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW parameter groups as dino's ``get_params_groups``: weights decay, biases and
     1-d parameters (norm scales/shifts) do not. Frozen parameters are left out. Each group
-    carries ``apply_wd`` so the trainer's weight-decay schedule only touches the first."""
+    carries ``apply_wd`` so the trainer's weight-decay schedule only touches the first; the
+    second is flagged ``lars_exclude`` (:class:`~pathflow.train.optim.LARS` updates it by
+    plain SGD with momentum, no trust ratio, as BYOL and Barlow Twins)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, p in module.named_parameters():
@@ -127,7 +129,7 @@ def split_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str,
         (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "apply_wd": True},
-        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False},
+        {"params": no_decay, "weight_decay": 0.0, "apply_wd": False, "lars_exclude": True},
     ]
 
 

@@ -8,7 +8,9 @@ trained during the first ``freeze_last_layer`` epoch(s). The teacher backbone is
 
 Gradients are clipped per parameter (each parameter's gradient norm to ``clip_grad``, 3 by
 default), as dino's ``clip_gradients``; the centre is updated after the optimiser step, so a
-step stopped by a non-finite loss changes nothing.
+step stopped by a non-finite loss changes nothing. Logged beside the loss: the collapse
+monitors ``embed_std`` and ``eff_rank`` (:mod:`~pathflow.train.monitors`) of the teacher's
+backbone features of the global views (this rank's), kept by a hook on the teacher's head.
 
 Example:
     >>> import torch
@@ -41,6 +43,7 @@ from pathflow.train.methods.base import (
     clip_per_parameter,
 )
 from pathflow.train.methods.registry import register_method
+from pathflow.train.monitors import effective_rank, embedding_std
 from pathflow.train.schedules import warmup_constant_schedule
 
 if TYPE_CHECKING:
@@ -136,6 +139,12 @@ class DINO(SSLMethod):
         self.ema = EMA(opts.momentum_teacher, total, "cosine")
         self.freeze_last_layer_steps = lengths["frozen_last_layer"]
         self._teacher_out: Tensor | None = None
+        # The teacher's backbone features (its head's input), kept for the collapse monitors.
+        self._teacher_feats: Tensor | None = None
+        self.teacher.head.register_forward_pre_hook(self._keep_teacher_features)
+
+    def _keep_teacher_features(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        self._teacher_feats = args[0].detach()
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -143,11 +152,16 @@ class DINO(SSLMethod):
         student_out = self.student(views)
         loss = self.loss(student_out, teacher_out, step, update_center=False)
         self._teacher_out = teacher_out.detach()
-        return {
+        out = {
             "loss": loss,
             "teacher_temp": torch.tensor(self.teacher_temp(step), dtype=torch.float64),
             "momentum": torch.tensor(self.momentum(step), dtype=torch.float64),
         }
+        feats, self._teacher_feats = self._teacher_feats, None
+        if feats is not None:
+            out["embed_std"] = embedding_std(feats)
+            out["eff_rank"] = effective_rank(feats)
+        return out
 
     def before_optimizer_step(self, step: int) -> None:
         if step < self.freeze_last_layer_steps:

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -41,9 +42,13 @@ def list_methods() -> list[str]:
 
 
 def method_class(name: str) -> type[SSLMethod]:
-    """The registered class of method ``name`` (e.g. to read its ``views_preset``)."""
+    """The registered class of method ``name`` (e.g. to read its ``views_preset``); an
+    unknown name is a one-line :class:`~pathflow.exceptions.ConfigError` naming the close
+    matches."""
     if name not in _METHODS:
-        raise ConfigError(f"unknown method {name!r} (expected {', '.join(list_methods())})")
+        close = difflib.get_close_matches(name, list_methods(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown method {name!r}{hint} (expected {', '.join(list_methods())})")
     return _METHODS[name]
 
 

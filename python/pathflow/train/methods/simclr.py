@@ -2,9 +2,12 @@
 (:class:`~pathflow.train.heads.SimCLRProjectionHead`), NT-Xent with ``2N - 2`` negatives
 (gathered from all ranks under DDP). The backbone is the result.
 
-Optimiser: pathflow trains with AdamW, so the defaults are AdamW's (lr 1e-3 x batch / 256,
+Optimiser: the defaults are AdamW's, pathflow's default optimiser (lr 1e-3 x batch / 256,
 weight decay 0.05, 10 warmup epochs, global-norm clipping off), not SimCLR's LARS recipe
-(weight decay 1e-6, which with AdamW's decoupled decay means no regularisation at all).
+(weight decay 1e-6, which with AdamW's decoupled decay means no regularisation at all); the
+paper's is ``--optimizer lars --lr 0.3 --weight-decay 1e-6 --weight-decay-end 1e-6``.
+Logged beside the loss: ``embed_std`` and ``eff_rank`` (:mod:`~pathflow.train.monitors`) of
+the projections ``z`` of both views (this rank's), collapse monitors.
 
 Example:
     >>> import torch
@@ -31,6 +34,7 @@ from pathflow.train.heads import SimCLRProjectionHead
 from pathflow.train.losses import NTXentLoss
 from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
 from pathflow.train.methods.registry import register_method
+from pathflow.train.monitors import effective_rank, embedding_std
 
 if TYPE_CHECKING:
     from pathflow.train.config import TrainConfig
@@ -77,8 +81,13 @@ class SimCLR(SSLMethod):
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         if len(views) < 2:
             raise ValueError(f"SimCLR needs 2 views per image, got {len(views)}")
-        z_a, z_b = self.encoder(views[:2]).chunk(2)
-        return {"loss": self.loss(z_a, z_b)}
+        z = self.encoder(views[:2])
+        z_a, z_b = z.chunk(2)
+        return {
+            "loss": self.loss(z_a, z_b),
+            "embed_std": embedding_std(z),  # collapse monitors of this rank's projections
+            "eff_rank": effective_rank(z),
+        }
 
     def backbone_for_export(self) -> nn.Module:
         return self.encoder.backbone

@@ -1,0 +1,48 @@
+"""A misspelt ``--arch`` or ``--method`` is a one-line error naming the close matches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pathflow.cli import main
+from pathflow.exceptions import ConfigError
+from pathflow.train.backbones import check_backbone, create_backbone
+from pathflow.train.methods import method_class
+
+
+def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_unknown_arch_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # checked before the data (none given here), so the misspelling is what is reported
+    assert main(["train", "--arch", "vit_smal_patch16_224"]) == 2
+    line = _one_line(capsys)
+    assert "unknown backbone 'vit_smal_patch16_224'" in line
+    assert "did you mean vit_small_patch16_224" in line
+
+
+def test_unknown_method_in_a_config_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    yaml = tmp_path / "train.yaml"
+    yaml.write_text("method: dinno\n")
+    assert main(["train", "--config", str(yaml)]) == 2
+    line = _one_line(capsys)
+    assert "unknown method 'dinno'; did you mean dino?" in line
+
+
+def test_close_matches_of_backbones_and_methods() -> None:
+    with pytest.raises(ConfigError, match="did you mean resnet50_trunc"):
+        create_backbone("resnet50_trnc")  # pathflow's own names are candidates too
+    with pytest.raises(ConfigError, match="did you mean vit4k_xs"):
+        check_backbone("vit4k_x")
+    with pytest.raises(ConfigError, match=r"unknown backbone 'qqqqzzzz' \(expected"):
+        check_backbone("qqqqzzzz")  # nothing close: no suggestion
+    with pytest.raises(ConfigError, match="did you mean simclr"):
+        method_class("simclrr")
+    for name in ("resnet50.tv_in1k", "resnet50_trunc", "vit4k_xs", "test_vit"):
+        check_backbone(name)  # timm pretrained tags and pathflow's names pass
