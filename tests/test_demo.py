@@ -29,3 +29,18 @@ def test_demo_runs_end_to_end(tmp_path: Path, cmu_path: Path) -> None:
     assert metrics["n_train"] + metrics["n_test"] == 310
     assert metrics["metrics"]["accuracy"] > 0.8  # two very different sources
     assert (out / "eval" / "tsne_test.png").stat().st_size > 10_000
+    # the same evaluations on the seeded random initialisation, side by side in the report
+    base = json.loads((out / "eval_random_init" / "knn" / "metrics.json").read_text())
+    assert base["weights"] is None and base["n_test"] == metrics["n_test"]
+    assert "## Trained vs random init" in report
+    assert "| metric | trained | random init | chance |" in report
+    knn_row = next(r for r in report.splitlines() if r.startswith("| KNN accuracy"))
+    acc, acc0 = metrics["metrics"]["accuracy"], base["metrics"]["accuracy"]
+    assert f"| {acc:.3f} | {acc0:.3f} |" in knn_row
+    # label-free augmentation retrieval, trained and random init, chance 1/310
+    for d in ("eval", "eval_random_init"):
+        ret = json.loads((out / d / "retrieval" / "metrics.json").read_text())
+        assert ret["n_images"] == 310 and 0.0 <= ret["metrics"]["top1"] <= 1.0
+    assert ret["weights"] is None
+    assert "| retrieval top-1 |" in report and "| retrieval top-5 |" in report
+    assert "| 0.0032 |" in report

@@ -262,9 +262,11 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
             a("--val-fraction", type=float, default=S, help="validation share (default 0.2)")
             a("--max-iter", type=int, default=S, help="L-BFGS iterations (default 500)")
         _model_args(m)
+    from pathflow.evaluate.retrieval_cli import add_retrieval_parser
     from pathflow.evaluate.slide_knn_cli import add_slide_knn_parser
 
     add_slide_knn_parser(methods)
+    add_retrieval_parser(methods)
     return p
 
 
@@ -351,6 +353,10 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
         from pathflow.evaluate.slide_knn_cli import cmd_slide_knn
 
         return cmd_slide_knn(ns)
+    if ns.method == "retrieval":
+        from pathflow.evaluate.retrieval_cli import cmd_retrieval
+
+        return cmd_retrieval(ns)
     from pathflow.evaluate import EvalConfig, run_eval
     from pathflow.exceptions import PathflowError
 

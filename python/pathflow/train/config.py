@@ -11,8 +11,10 @@ YAML as a section named after the method and on the command line as ``--METHOD.O
       warmup_teacher_temp_epochs: 30
 
 Fields left ``None`` take the method's recipe (``MethodConfig.recipe``) in
-:meth:`TrainConfig.resolve`. ``steps_per_epoch`` is filled by the trainer from the loader;
-the resolved config is saved as ``config.yaml`` beside the run's outputs.
+:meth:`TrainConfig.resolve`, after a named ``--recipe`` (:mod:`pathflow.train.recipes`):
+command line > YAML > ``--recipe`` > method recipe > :class:`TrainConfig` defaults.
+``steps_per_epoch`` is filled by the trainer from the loader; the resolved config is saved
+as ``config.yaml`` beside the run's outputs.
 
 **Schedule lengths.** Lengths given in epochs (lr warmup, DINO's teacher-temperature warmup
 and frozen last layer) become ``epochs x steps_per_epoch`` steps. With ``--steps`` the run is
@@ -54,7 +56,9 @@ RUN_CONTROL = (
 
 #: Options added after runs were first saved, and the value that reproduces how those runs
 #: trained (a checkpoint without the option resumes when the option has this value).
-_OLDER_BEHAVIOUR: dict[str, Any] = {"optimizer": "adamw", "momentum": None, "lars_eta": 0.001}
+_OLDER_BEHAVIOUR: dict[str, Any] = {
+    "optimizer": "adamw", "momentum": None, "lars_eta": 0.001, "recipe": None,
+}  # fmt: skip
 
 #: The backbone of methods whose recipe names none.
 DEFAULT_ARCH = "vit_small_patch16_224"
@@ -72,6 +76,14 @@ class TrainConfig(YamlConfig):
 
     # what to train
     method: str = field(default="dino", metadata=_h("SSL method (pathflow.train.list_methods())"))
+    recipe: str | None = field(
+        default=None,
+        metadata=_h(
+            "named recipe (pathflow.train.recipes.list_recipes(): lunit-mocov2, lunit-swav, "
+            "lunit-barlow, lunit-dino): method, backbone, hyper-parameters and views, for "
+            "options not given (precedence: CLI > YAML > recipe > method recipe > defaults)"
+        ),
+    )
     arch: str | None = field(
         default=None,  # resolved: the method's recipe, else DEFAULT_ARCH
         metadata=_h(
@@ -210,6 +222,8 @@ class TrainConfig(YamlConfig):
         for name in self.field_names():
             if name != "options":
                 setattr(out, name, coerce(getattr(out, name), types_[name], name))
+        if out.recipe is not None:
+            out = out._apply_recipe()
         cls = method_class(out.method)  # ConfigError naming the registered methods
         opts_cls = cls.config_class
         for name, value in opts_cls.recipe.items():
@@ -250,6 +264,27 @@ class TrainConfig(YamlConfig):
         unknown = sorted(set(out.allow_changed) - set(self.field_names()) - {out.method})
         if unknown:
             raise ConfigError(f"allow_changed: unknown option(s) {', '.join(unknown)}")
+        return out
+
+    def _apply_recipe(self) -> TrainConfig:
+        """Fill the fields left ``None`` and the method options not given from ``--recipe``
+        (:mod:`pathflow.train.recipes`); the recipe's method replaces the default one."""
+        from pathflow.train.recipes import get_recipe
+
+        recipe = get_recipe(str(self.recipe))
+        out = dataclasses.replace(self)
+        if out.method != recipe.method:
+            if out.method != type(self).method:  # the default: not chosen
+                raise ConfigError(
+                    f"recipe {recipe.name} trains method {recipe.method}, not {out.method}"
+                )
+            out.method = recipe.method
+        types_ = self.field_types()
+        for name, value in recipe.fields.items():
+            if getattr(out, name) is None:
+                setattr(out, name, coerce(value, types_[name], name))
+        if out.options is None or isinstance(out.options, dict):
+            out.options = {**recipe.options, **(out.options or {})}
         return out
 
     # ------------------------------------------------------------------ derived values
@@ -377,6 +412,15 @@ class TrainConfig(YamlConfig):
         flags = {k: v for k, v in cli_values.items() if "." in k}
         shared = {k: v for k, v in cli_values.items() if "." not in k}
         merged = {**yaml_values, **cls.coerce_values(shared)}
+        if merged.get("recipe") is not None:
+            from pathflow.train.recipes import get_recipe
+
+            recipe_method = get_recipe(str(merged["recipe"])).method
+            if merged.setdefault("method", recipe_method) != recipe_method:
+                raise ConfigError(
+                    f"recipe {merged['recipe']} trains method {recipe_method}, "
+                    f"not {merged['method']}"
+                )
         method = str(merged.get("method", cls.method))
         methods = list_methods()
         for name in sections:
