@@ -46,3 +46,19 @@ def test_close_matches_of_backbones_and_methods() -> None:
         method_class("simclrr")
     for name in ("resnet50.tv_in1k", "resnet50_trunc", "vit4k_xs", "test_vit"):
         check_backbone(name)  # timm pretrained tags and pathflow's names pass
+
+
+def test_cli_method_typo_is_one_line_with_close_matches(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A misspelt --method on the command line: one stderr line naming the close match (not
+    argparse's usage block), exit 2; the help still lists every registered method."""
+    from pathflow.cli import main
+    from pathflow.train.methods import list_methods
+
+    assert main(["train", "--method", "byoll", "--data", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown method 'byoll'" in err[0] and "byol" in err[0]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "{" + ",".join(list_methods()) + "}" in capsys.readouterr().out

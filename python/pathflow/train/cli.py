@@ -91,8 +91,16 @@ def _add_fields(
             type=kind,
             nargs="+" if is_list(types_[f.name]) else None,
             default=_S,
-            choices=choices.get(f.name),
-            metavar=None if f.name in choices else _METAVARS.get(f.name, _METAVARS.get(kind)),
+            # methods are listed but checked by the registry: a one-line error with close
+            # matches instead of argparse's usage block
+            choices=choices.get(f.name) if f.name != "method" else None,
+            metavar=(
+                "{" + ",".join(choices[f.name]) + "}"
+                if f.name == "method" and f.name in choices
+                else None
+                if f.name in choices
+                else _METAVARS.get(f.name, _METAVARS.get(kind))
+            ),
             help=text + default_text,
         )
 
