@@ -48,7 +48,7 @@ from pathflow.train.heads import MLPHead
 from pathflow.train.losses import BYOLLoss
 from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
 from pathflow.train.methods.registry import register_method
-from pathflow.train.methods.simsiam import embedding_std
+from pathflow.train.monitors import embedding_std
 
 if TYPE_CHECKING:
     from pathflow.train.config import TrainConfig

@@ -47,7 +47,7 @@ from pathflow.train.losses.negative_cosine import cosine_rows
 from pathflow.train.methods.byol import BYOL, BYOLConfig
 from pathflow.train.methods.clusiam import cluster_logits, validate_cluster_options
 from pathflow.train.methods.registry import register_method
-from pathflow.train.methods.simsiam import embedding_std
+from pathflow.train.monitors import embedding_std
 
 if TYPE_CHECKING:
     from pathflow.train.config import TrainConfig

@@ -44,7 +44,8 @@ from pathflow.train.heads.cluster_head import ClusterHead
 from pathflow.train.losses.cluster_loss import ClusterLoss
 from pathflow.train.losses.negative_cosine import cosine_rows
 from pathflow.train.methods.registry import register_method
-from pathflow.train.methods.simsiam import SimSiam, SimSiamConfig, embedding_std
+from pathflow.train.methods.simsiam import SimSiam, SimSiamConfig
+from pathflow.train.monitors import embedding_std
 
 if TYPE_CHECKING:
     from pathflow.train.config import TrainConfig

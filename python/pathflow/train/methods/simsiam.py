@@ -39,8 +39,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
@@ -54,6 +52,7 @@ from pathflow.train.methods.base import (
     split_decay_groups,
 )
 from pathflow.train.methods.registry import register_method
+from pathflow.train.monitors import embedding_std
 
 if TYPE_CHECKING:
     from pathflow.train.config import TrainConfig
@@ -89,13 +88,6 @@ class SimSiamConfig(MethodConfig):
         for name in ("proj_hidden_dim", "proj_dim", "proj_layers", "pred_hidden_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"simsiam {name} must be >= 1, got {getattr(self, name)}")
-
-
-def embedding_std(z: Tensor) -> Tensor:
-    """Standard deviation over the batch of the l2-normalised rows of ``z``, averaged over
-    channels (SimSiam's collapse monitor; 0 when every row is the same), detached."""
-    with torch.no_grad():
-        return F.normalize(z.float(), dim=1).std(dim=0).mean()
 
 
 @register_method("simsiam")
