@@ -44,3 +44,8 @@ def test_demo_runs_end_to_end(tmp_path: Path, cmu_path: Path) -> None:
     assert ret["weights"] is None
     assert "| retrieval top-1 |" in report and "| retrieval top-5 |" in report
     assert "| 0.0032 |" in report
+    # the paired sign test covers every patch (better + worse + tied = 310)
+    line = next(r for r in report.splitlines() if r.startswith("Paired over the patches"))
+    nums = [int(w.strip(",();")) for w in line.split() if w.strip(",();").isdigit()]
+    assert sum(nums[:3]) == 310, line
+    assert "sign test p = " in line

@@ -63,6 +63,22 @@ def full_grid(
 def tissue_fractions(
     coords: Points, patch: int, mask: U8Image, sx: float, sy: float
 ) -> npt.NDArray[np.float32]: ...
+def render_overlay(
+    thumb: U8Image,
+    coords: Points,
+    side0: float,
+    fx: float,
+    fy: float,
+    tissue: list[Points],
+    holes: list[list[Points]],
+    line_width: int = 1,
+    quality: int = 85,
+) -> bytes:
+    """Overlay JPEG: patch cells blended on the RGB thumbnail, contours and holes drawn."""
+
+def encode_gray_png(mask: U8Image) -> bytes:
+    """8-bit grayscale PNG of an (H, W) uint8 mask (unfiltered, fast DEFLATE)."""
+
 def sanitize_key(id: str, max_len: int = 60) -> str: ...
 def encode_images(
     images: list[U8Image], out_size: int, format: str, quality: int

@@ -25,6 +25,16 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
     )  # fmt: skip
 
 
+def _float_list(text: str) -> list[float]:
+    """``"0.5,1,2"`` -> ``[0.5, 1.0, 2.0]`` (argparse type of comma-separated numbers)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+
+
 def _tile_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "tile",
@@ -144,13 +154,35 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
     )
     e("--region-patch", type=int, default=S, help="sub-patch size inside regions (default 256)")
     _bool_flag(w, "region-patches", "also store each region's grid of --region-patch patches")  # type: ignore[arg-type]
+    e(
+        "--shard-mpps",
+        type=_float_list,
+        default=S,
+        help="multi-magnification samples, e.g. 0.5,1,2: grid at the first (finest, sets --mpp), "
+        "each sample adds <key>.mpp1.jpg, <key>.mpp2.jpg... centred on the same spot",
+    )
     r = p.add_argument_group("run")
     d = r.add_argument
     _bool_flag(r, "overlay", "write overlays/<slide>.jpg (default on; --no-overlay)")  # type: ignore[arg-type]
     d("--thumbnail-size", type=int, default=S, help="overlay size in pixels (default 2048)")
-    d("--workers", type=int, default=S, help="parallel slide processes (0: automatic)")
+    d(
+        "--workers",
+        type=int,
+        default=S,
+        help="parallel slide processes (0: automatic: 1 below 16 slides, else one per core, <= 8)",
+    )
     d("--threads", type=int, default=S, help="Rust threads per process (0: automatic)")
     _bool_flag(r, "overwrite", "redo slides whose coords/<slide>.h5 exists")  # type: ignore[arg-type]
+    j = p.add_argument_group("many jobs / a cluster (one shared --out job folder)")
+    k = j.add_argument
+    k("--part", default=S, metavar="I/N|auto",
+      help="tile only part I of N (0-based; slide -> part by a hash of its id); auto: the "
+      "job array index (SLURM, PBS, LSF, Kubernetes); then pathflow merge")  # fmt: skip
+    k("--executor", choices=["local", "dask"], default=S,
+      help="local processes (default) or a Dask cluster, one task per slide")  # fmt: skip
+    k("--scheduler", default=S, metavar="tcp://HOST:PORT",
+      help="Dask scheduler address (default: a LocalCluster on 127.0.0.1)")  # fmt: skip
+    k("--scheduler-file", default=S, help="Dask scheduler file (dask-jobqueue)")
     d("--quiet", "-q", action="store_true", help="no progress bar")
     d("--verbose", "-v", action="store_true", help="debug logs (tracebacks of failures)")
     return p
@@ -191,14 +223,17 @@ def _extract_parser(sub: Any) -> argparse.ArgumentParser:
         "descriptors (--model regions|hipt)",
         description=(
             "Embed every patch of WebDataset shards (pathflow tile --shards: the tile output "
-            "folder or its shards/) or of image folders (ROOT/<slide>/<image>) and write one "
+            "folder or its shards/), of coordinate files + slides (a tile output folder without "
+            "shards, its coords/, CLAM's patches/*.h5; --slides) or of image folders "
+            "(ROOT/<slide>/<image>) and write one "
             "features/<slide>.h5 (features float32 [N, D], coords int64 [N, 2], CLAM/TRIDENT "
             "layout) or .pt per slide into --out. Finished slides are skipped on re-run."
         ),
     )
     S = _SUPPRESS
     a = p.add_argument
-    a("inputs", nargs="*", default=S, help="shards folders, tile output folders or image folders")
+    a("inputs", nargs="*", default=S, help="shards folders, tile output folders, coordinate "
+      "files/folders (coords/, CLAM's patches/) or image folders")  # fmt: skip
     a("--out", "-o", default=S, help="output folder (default: pathflow_out)")
     a("--features-dir", default=S, help="sub-folder of --out for the files (default features)")
     a("--format", choices=["h5", "pt"], default=S, help="h5 (default) or pt (CLAM pt_files)")
@@ -216,11 +251,34 @@ def _extract_parser(sub: Any) -> argparse.ArgumentParser:
     _bool_flag(hg, "keep-region-features", "with --model hipt, also store region_features")  # type: ignore[arg-type]
     h("--region-dtype", choices=["float16", "float32"], default=S,
       help="dtype of region_features (default float16)")  # fmt: skip
-    h("--slides", default=S, help="with region coordinate inputs (pathflow tile --region "
-      "output without --shards, or CLAM patches/*.h5): folder of the slides, found by file "
+    h("--slides", default=S, help="with coordinate inputs (pathflow tile output without "
+      "--shards, its coords/, or CLAM patches/*.h5): folder of the slides, found by file "
       "stem (default: the coordinate files' slide_path)")  # fmt: skip
     h("--region-patch", type=int, default=S,
       help="sub-patch size of regions read from coordinates + slides (default 256)")  # fmt: skip
+    cg = p.add_argument_group("coordinates + slides (input: tile output without shards, "
+                              "its coords/, CLAM's patches/*.h5; --slides DIR)")  # fmt: skip
+    c = cg.add_argument
+    c("--quality", type=int, default=S, help="JPEG quality of patches read from slides, as "
+      "tile --shards encodes them (default 90)")  # fmt: skip
+    c("--transcode", choices=["auto", "always", "never"], default=S,
+      help="native JPEG tiles passed through where the grid lines up (auto, default), as "
+      "tile --shards")  # fmt: skip
+    c("--patch-format", choices=["jpg", "png", "webp"], default=S,
+      help="encoding of patches read from slides, as tile --shards --format (jpg)")  # fmt: skip
+    jg = p.add_argument_group("many jobs / a cluster")
+    j = jg.add_argument
+    j("--part", default=S, help="I/N (0-based) or auto (SLURM/PBS/LSF array, Kubernetes "
+      "indexed job): only the slides of that part (hash of the slide id)")  # fmt: skip
+    j("--executor", choices=["local", "dask"], default=S,
+      help="local (default) or dask: chunks of slides per task, one model per worker")  # fmt: skip
+    j("--scheduler", default=S, help="Dask scheduler address tcp://HOST:PORT (default: a "
+      "local cluster on 127.0.0.1)")  # fmt: skip
+    j("--scheduler-file", default=S, help="Dask scheduler file (dask scheduler "
+      "--scheduler-file, dask-jobqueue)")  # fmt: skip
+    j("--dask-workers", type=int, default=S,
+      help="worker processes of the local cluster (default: one per GPU, else 1)")  # fmt: skip
+    j("--chunk-slides", type=int, default=S, help="slides per Dask task (default 4)")
     _model_args(p)
     return p
 
@@ -291,6 +349,7 @@ def build_parser(command: str | None = "train") -> argparse.ArgumentParser:
     _extract_parser(sub)
     _eval_parser(sub)
     _demo_parser(sub)
+    _jobs_parsers(sub)
     return parser
 
 
@@ -374,20 +433,69 @@ def _cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs_parsers(sub: Any) -> None:
+    """``pathflow merge`` and ``pathflow status`` of a job folder (``tile --part I/N``)."""
+    m = sub.add_parser(
+        "merge",
+        help="combine the parts of a job folder (tile --part I/N): manifest.csv + shards.json",
+        description="Write JOB/manifest.csv and JOB/shards/shards.json (relative paths to every "
+        "part's shards and DALI indexes; no data copied) from the parts of a job folder. "
+        "Refuses unfinished parts (named) unless --allow-partial. Safe to run again.",
+    )
+    m.add_argument("job", help="the job folder (--out of pathflow tile --part)")
+    m.add_argument("--allow-partial", action="store_true", help="merge the finished parts only")
+    m.add_argument("--ranks", type=int, default=8, help="training ranks, for the shard-count check")
+    m.add_argument("--workers", type=int, default=8, help="loader workers per rank (same check)")
+    s = sub.add_parser(
+        "status",
+        help="done / failed / running / stale per stage of a job folder",
+        description="Read-only progress of a job folder: tile coords, shards and extracted "
+        "features; live and stale claims (a stale claim belongs to a job that died).",
+    )
+    s.add_argument("job", help="the job folder")
+
+
+def _cmd_jobs(ns: argparse.Namespace) -> int:
+    from pathflow.exceptions import PathflowError
+
+    try:
+        if ns.command == "merge":
+            from pathflow.jobs.merge import merge_job
+
+            report = merge_job(ns.job, ns.allow_partial, ns.ranks, ns.workers)
+            for w in report.warnings:
+                print(f"pathflow merge: warning: {w}", file=sys.stderr)
+            print(report.summary(), file=sys.stderr)
+        else:
+            from pathflow.jobs.status import job_status
+
+            print(job_status(ns.job).text())
+    except (PathflowError, OSError) as exc:
+        print(f"pathflow {ns.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
-        help="end-to-end demo on the sample slides: tile -> shards -> DINO -> extract -> KNN",
-        description="Tile the built-in sample slides into shards, pretrain a small ViT with "
-        "DINO for a few steps, extract features, evaluate them with weighted KNN on a labelled "
-        "patch set built from the samples (class = source slide) and write OUT/REPORT.md.",
+        help="end-to-end demo on the sample slides: tile -> shards -> SSL -> extract -> eval",
+        description="Tile the built-in sample slides into shards, pretrain a small backbone "
+        "(SimCLR on a ResNet-18 at 64 px with pathology views by default), extract features, "
+        "evaluate them with weighted KNN on a labelled patch set built from the samples "
+        "(class = source slide) and with label-free augmentation retrieval, each beside the "
+        "same evaluation of the random initialisation, and write OUT/REPORT.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
     a("--out", "-o", default="pathflow_demo", help="output folder")
-    a("--steps", type=int, default=40, help="DINO training steps")
-    a("--batch-size", type=int, default=16, help="training batch size")
-    a("--arch", default="vit_tiny_patch16_224", help="timm backbone")
+    a("--method", default="simclr", help="SSL method (pathflow train --method)")
+    a("--steps", type=int, default=200, help="training steps")
+    a("--batch-size", type=int, default=64, help="training batch size")
+    a("--lr", type=float, default=4e-3, help="peak lr at batch 256 (scaled by batch / 256)")
+    a("--arch", default="resnet18", help="timm backbone")
+    a("--image-size", type=int, default=64, help="view side for training, extraction, eval")
+    a("--views", default="pathology", help="views preset for training and retrieval")
     a("--device", default="auto", help="auto, cpu or cuda")
     a("--seed", type=int, default=0, help="seed")
     return p
@@ -397,8 +505,9 @@ def _cmd_demo(ns: argparse.Namespace) -> int:
     from pathflow.demo import DemoConfig, run_demo
     from pathflow.exceptions import PathflowError
 
-    cfg = DemoConfig(out=ns.out, steps=ns.steps, batch_size=ns.batch_size, arch=ns.arch,
-                     device=ns.device, seed=ns.seed)  # fmt: skip
+    cfg = DemoConfig(out=ns.out, method=ns.method, steps=ns.steps, batch_size=ns.batch_size,
+                     lr=ns.lr, arch=ns.arch, image_size=ns.image_size, views=ns.views,
+                     retrieval_views=ns.views, device=ns.device, seed=ns.seed)  # fmt: skip
     try:
         run_demo(cfg)
     except (PathflowError, RuntimeError, ValueError, OSError) as exc:
@@ -431,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_eval(ns)
     if ns.command == "demo":
         return _cmd_demo(ns)
+    if ns.command in ("merge", "status"):
+        return _cmd_jobs(ns)
     parser.print_help()
     return 2
 

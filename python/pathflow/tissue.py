@@ -183,9 +183,17 @@ def choose_seg_level(
 
 
 def segment_tissue(
-    slide: SlideReader, params: TissueParams, mpp: float | None
+    slide: SlideReader,
+    params: TissueParams,
+    mpp: float | None,
+    levels: dict[int, npt.NDArray[np.uint8]] | None = None,
 ) -> TissueSegmentation:
-    """Find tissue regions of ``slide`` (see :class:`TissueParams`)."""
+    """Find tissue regions of ``slide`` (see :class:`TissueParams`).
+
+    ``levels``: optional per-slide cache of whole levels (level -> RGB pixels); the level read
+    here is taken from it or stored in it, so a later user (the overlay thumbnail) of the same
+    level does not read it again.
+    """
     params.validate()
     level, factor = choose_seg_level(slide, params, mpp)
     w, h = slide.level_dimensions[level]
@@ -194,7 +202,11 @@ def segment_tissue(
             f"{slide.path}: level {level} is {w}x{h}, too large to segment; "
             "set seg_level or seg_mpp"
         )
-    img = slide.read_level(level)
+    img = levels.get(level) if levels is not None else None
+    if img is None:
+        img = slide.read_level(level)
+        if levels is not None:
+            levels[level] = img
     if factor > 1:
         img = _core.downsample_area(img, factor)
     mh, mw = img.shape[:2]

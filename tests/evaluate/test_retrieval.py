@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pathflow.evaluate.retrieval import retrieval_metrics
+from pathflow.evaluate.retrieval import read_ranks, retrieval_metrics, retrieval_ranks, sign_test
 
 
 def test_hand_computed_example() -> None:
@@ -104,3 +104,23 @@ def test_cli_writes_metrics(tmp_path: Path) -> None:
     assert report["n_images"] == 5 and report["weights"] is None
     m = report["metrics"]
     assert 0.0 <= m["top1"] <= m["top5"] <= 1.0 and m["chance_top1"] == pytest.approx(0.2)
+    ranks = read_ranks(out / "ranks.csv")
+    assert len(ranks) == 5 and all(1.0 <= r <= 5.0 for r in ranks.values())
+    assert sum(ranks.values()) / 5 == pytest.approx(m["mean_rank"])
+
+
+def test_per_image_ranks_and_the_sign_test_by_hand() -> None:
+    # image 0 finds its own view first; image 1's own view is beaten by image 0's and ties
+    # with image 2's (identical rows): rank 1 + 1 + 1/2; image 2's ties with image 1's: 1.5
+    z1 = np.array([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0]])
+    z2 = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert retrieval_ranks(z1, z2).tolist() == [1.0, 2.5, 1.5]
+    m = retrieval_metrics(z1, z2)
+    assert m["median_rank"] == 1.5 and m["mean_rank"] == pytest.approx(5.0 / 3)
+    # 8 better, 2 worse, 1 tie: p = 2 (C(10,0) + C(10,1) + C(10,2)) / 2^10 = 112 / 1024
+    before = [5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5]
+    after = [1, 2, 3, 4, 1, 2, 3, 4, 9, 9, 5]
+    t = sign_test(before, after)
+    assert (t["better"], t["worse"], t["tied"]) == (8, 2, 1)
+    assert t["p"] == pytest.approx(112 / 1024)
+    assert sign_test([1, 2], [1, 2])["p"] == 1.0

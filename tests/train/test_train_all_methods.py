@@ -43,6 +43,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "out-dim": 64, "freeze-last-layer-steps": 1, "warmup-teacher-temp-steps": 2,
     },
     "mocov2": {"proj-hidden-dim": 32, "proj-dim": 16, "queue-size": 8},
+    "mocov3": {"proj-hidden-dim": 32, "proj-dim": 16},
+    "sgcl": {"proj-dim": 16, "num-negatives": 4, "num-clusters": 4, "kmeans-runs": 2},
     "simclr": {"proj-hidden-dim": 32, "proj-dim": 16},
     "simsiam": {"proj-hidden-dim": 32, "proj-dim": 32, "pred-hidden-dim": 16},
     "swav": {

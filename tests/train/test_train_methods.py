@@ -30,12 +30,12 @@ def _views(batch: int = 2, n_local: int = 3) -> list[torch.Tensor]:
 
 def test_registry() -> None:
     assert list_methods() == [
-        "barlowtwins", "byol", "clubyol", "clusiam", "dino", "hipt4k", "mocov2", "simclr",
-        "simsiam", "swav",
+        "barlowtwins", "byol", "clubyol", "clusiam", "dino", "hipt4k", "mocov2", "mocov3",
+        "sgcl", "simclr", "simsiam", "swav",
     ]  # fmt: skip
     net, dim = create_backbone("resnet18")
     with pytest.raises(ConfigError, match="unknown method"):
-        create_method("mocov3", net, dim, TrainConfig(steps=1).resolve())
+        create_method("mocov9", net, dim, TrainConfig(steps=1).resolve())
 
 
 def test_dino_multi_crop_teacher_sees_global_views_only() -> None:

@@ -39,12 +39,14 @@ if TYPE_CHECKING:
         make_feature_loader,
     )
     from pathflow.data.loader import Loader, make_loader
+    from pathflow.data.neighbours import NeighbourIndex
     from pathflow.data.stain import fit_stain_stats
 
 _LAZY = {
     "make_loader": "pathflow.data.loader",
     "Loader": "pathflow.data.loader",
     "Batch": "pathflow.data.batch",
+    "NeighbourIndex": "pathflow.data.neighbours",
     "fit_stain_stats": "pathflow.data.stain",
     "make_feature_loader": "pathflow.data.features",
     "RegionFeatureLoader": "pathflow.data.features",
@@ -66,6 +68,7 @@ __all__ = [
     "Batch",
     "FeatureCropSpec",
     "Loader",
+    "NeighbourIndex",
     "RegionFeatureLoader",
     "RegionFeatureSet",
     "ShardSet",

@@ -349,6 +349,9 @@ class DaliViews:
             The first saves arithmetic on the CPU, the second saves operators (split/merge)
             on the GPU, where per-operator overhead dominates; default: True on the CPU,
             False on the GPU. RandStainNA, HED and the transpose are always conditional.
+        sources: for positive pairs (``RawBatch.partner``): per view, 0 = cut from the
+            anchor image, 1 = from the partner (both decoded once per batch); None: every
+            view from the one image (the default).
     """
 
     def __init__(
@@ -361,6 +364,7 @@ class DaliViews:
         prefetch: int = 2,
         device_id: int | None = None,
         conditionals: bool | None = None,
+        sources: list[int] | None = None,
     ) -> None:
         if not HAVE_DALI:
             raise BackendUnavailableError(
@@ -386,6 +390,13 @@ class DaliViews:
         self.device_id = device_id if device == "gpu" else None
         self.conditionals = (device == "cpu") if conditionals is None else bool(conditionals)
         self.views = spec.expand()
+        if sources is not None and (
+            len(sources) != len(self.views) or any(s not in (0, 1) for s in sources)
+        ):
+            raise InvalidArgumentError(
+                f"sources must give 0 or 1 for each of the {len(self.views)} views, got {sources}"
+            )
+        self.sources = list(sources) if sources is not None else None
         self.stages = [_Stages.of(v) for v in self.views]
         self._fields = [st.fields(self.conditionals) for st in self.stages]
         self._fifo: collections.deque[RawBatch] = collections.deque()
@@ -417,6 +428,16 @@ class DaliViews:
                 f"the spec has {len(self.views)}"
             )
         out: list[Any] = [[np.asarray(d, dtype=np.uint8) for d in raw.data]]
+        if self.sources is not None:
+            if raw.partner is None or len(raw.partner) != n:
+                raise InvalidArgumentError(
+                    f"batch {raw.index} has no partner images; the pipeline was built for pairs"
+                )
+            out.append([np.asarray(d, dtype=np.uint8) for d in raw.partner])
+        elif raw.partner is not None:
+            raise InvalidArgumentError(
+                f"batch {raw.index} holds pairs; build the pipeline with sources="
+            )
         for v, (p, st, fields) in enumerate(
             zip(raw.params, self.stages, self._fields, strict=True)
         ):
@@ -436,23 +457,25 @@ class DaliViews:
 
     # ---------------------------------------------------------------------------- graph
     def _graph(self) -> tuple[Any, ...]:
-        n_inputs = 1 + sum(len(f) for f in self._fields)
+        n_images = 1 if self.sources is None else 2
+        n_inputs = n_images + sum(len(f) for f in self._fields)
         inputs = fn.external_source(
             source=self._feed, num_outputs=n_inputs, batch=True, no_copy=False
         )
-        enc = inputs[0]
-        if self.device == "gpu":
-            img = fn.decoders.image(enc, device="mixed", output_type=types.DALIImageType.RGB)
-        else:
-            img = fn.decoders.image(enc, device="cpu", output_type=types.DALIImageType.RGB)
+        decoder = "mixed" if self.device == "gpu" else "cpu"
+        imgs = [
+            fn.decoders.image(inputs[k], device=decoder, output_type=types.DALIImageType.RGB)
+            for k in range(n_images)
+        ]
+        sources = self.sources if self.sources is not None else [0] * len(self.views)
         outs = []
-        pos = 1
+        pos = n_images
         # (autograph converts this function: no zip(strict=...) here)
         for i in range(len(self.views)):
             fields = self._fields[i]
             a = {f: inputs[pos + j] for j, f in enumerate(fields)}
             pos += len(fields)
-            outs.append(self._view_graph(img, self.views[i], self.stages[i], a))
+            outs.append(self._view_graph(imgs[sources[i]], self.views[i], self.stages[i], a))
         return tuple(outs)
 
     def _dev(self, node: Any) -> Any:

@@ -18,6 +18,12 @@ slides one after another; ``shuffle_mode="buffer"`` streams shards through a shu
 instead. ``loader.stats`` counts samples, batches, skipped images and the distinct slides per
 batch (``slides_per_batch_mean``, ``slides_per_batch_min``).
 
+Positive pairs (``positives=``): ``"neighbour"`` pairs each sample with a patch of the same
+slide within a radius (:class:`~pathflow.data.neighbours.NeighbourIndex`), ``"scale"`` with
+the same spot at another magnification; the views alternate between the two images, and the
+partner is drawn from ``(seed, epoch, sample index)``, so order, splits and resume are as
+above. ``batch.meta["index"]`` is every sample's global index in the ShardSet order.
+
 Example:
     >>> from pathflow.data import make_loader
     >>> loader = make_loader("out/shards", views="simclr", batch_size=32)  # doctest: +SKIP
@@ -38,19 +44,31 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pathflow.data.batch import Batch, RawBatch
+from pathflow.data.batch import Batch, RawBatch, meta_to_torch
+from pathflow.data.neighbours import METRICS
 from pathflow.data.position import EpochPosition
 from pathflow.data.shardset import SHUFFLE_MODES, ShardSet, epoch_order
-from pathflow.data.views import StainStats, ViewsSpec, create_views, sample_batch_params
+from pathflow.data.views import (
+    StainStats,
+    ViewsSpec,
+    create_views,
+    pair_sources,
+    sample_batch_params,
+    sample_pair_params,
+)
+
+if TYPE_CHECKING:
+    from pathflow.data.neighbours import NeighbourIndex
 
 log = logging.getLogger("pathflow.data")
 
 OUTPUTS = ("float", "bfloat16", "uint8")
+POSITIVES = ("augment", "neighbour", "scale")
 
 
 @dataclass
@@ -62,6 +80,10 @@ class LoaderConfig:
     streamed through a shuffle buffer of ``shuffle_buffer`` samples; only for inputs that must
     be read sequentially: over shards holding one slide after another, larger than the buffer,
     a batch then comes from one or two slides). See :func:`~pathflow.data.epoch_order`.
+
+    ``positives``: ``"augment"`` (views of the same patch), ``"neighbour"`` (a partner patch
+    of the same slide within ``neighbour_radius`` grid steps, ``neighbour_metric``) or
+    ``"scale"`` (the same spot at another magnification); see :func:`make_loader`.
     """
 
     batch_size: int = 64
@@ -76,6 +98,9 @@ class LoaderConfig:
     device: str = "cpu"
     backend: str = "torch"
     num_workers: int = 2
+    positives: str = "augment"
+    neighbour_radius: float = 2.0
+    neighbour_metric: str = "chebyshev"
 
 
 def dali_available() -> bool:
@@ -96,6 +121,26 @@ def _dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def draw_scales(
+    shardset: ShardSet, indices: npt.NDArray[np.int64], seed: int, epoch: int
+) -> tuple[list[str | None], npt.NDArray[np.float64]]:
+    """For each sample, one of its other-magnification entries (``mpp1.jpg``...), uniform
+    among those it has, drawn from ``hash_uniform(seed, epoch, index)``; None (and NaN mpp)
+    where it has none."""
+    from pathflow.data.neighbours import hash_uniform
+    from pathflow.data.shardset import scale_mpp
+
+    exts = shardset.scale_exts
+    mask = shardset.scale_mask(indices)
+    deg = mask.sum(axis=1)
+    u = hash_uniform(seed, epoch, indices, salt=0x5CA1E)
+    k = np.minimum(np.floor(u * deg).astype(np.int64), np.maximum(deg - 1, 0))
+    col = np.argmax(np.cumsum(mask, axis=1) > k[:, None], axis=1)
+    out: list[str | None] = [exts[c] if d > 0 else None for c, d in zip(col, deg, strict=True)]
+    mpp = np.asarray([scale_mpp(e) if e else np.nan for e in out], dtype=np.float64)
+    return out, mpp
+
+
 def build_raw_batch(
     shardset: ShardSet,
     indices: npt.NDArray[np.int64],
@@ -106,12 +151,19 @@ def build_raw_batch(
     rank: int,
     index: int,
     stain_stats: StainStats | None,
+    positives: str = "augment",
+    neighbours: NeighbourIndex | None = None,
 ) -> RawBatch | None:
     """Read one batch, replace corrupt images, and draw its view parameters.
 
     A corrupt image (bad header, truncated, not JPEG/PNG) is logged, counted in ``skipped``
     and replaced by the next valid sample of the same batch, so batch shapes never change.
     Returns None only if no image of the batch is valid.
+
+    ``positives="neighbour"`` also reads, for every anchor, a partner drawn from its spatial
+    neighbours (``neighbours.draw``), ``"scale"`` the anchor's entry at another magnification
+    (:func:`draw_scales`); the views alternate between anchor and partner
+    (:func:`~pathflow.data.views.pair_sources`). A corrupt partner is replaced by its anchor.
     """
     from pathflow import _core
 
@@ -131,25 +183,58 @@ def build_raw_batch(
             images[i], metas[i] = images[j], metas[j]
             sizes[i] = sizes[j]
     rng = np.random.default_rng([seed, epoch, rank, index, 0xA06])
-    params = sample_batch_params(spec, sizes[:, 0], sizes[:, 1], rng, stain_stats)
-    meta = {
+    meta: dict[str, Any] = {
         "key": [m["key"] for m in metas],
+        "index": np.asarray([m["index"] for m in metas], dtype=np.int64),
         "slide": [m["slide"] for m in metas],
         "x": np.asarray([m["x"] for m in metas], dtype=np.int64),
         "y": np.asarray([m["y"] for m in metas], dtype=np.int64),
         "label": np.asarray([m["label"] for m in metas], dtype=np.int64),
     }
     data = [np.frombuffer(b, dtype=np.uint8) for b in images]
-    return RawBatch(data=data, params=params, meta=meta, index=index, epoch=epoch, skipped=skipped)
-
-
-def _meta_to_torch(meta: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    out = dict(meta)
-    for k in ("x", "y", "label"):
-        out[k] = torch.from_numpy(np.asarray(meta[k], dtype=np.int64))
-    return out
+    if positives == "augment":
+        params = sample_batch_params(spec, sizes[:, 0], sizes[:, 1], rng, stain_stats)
+        return RawBatch(
+            data=data, params=params, meta=meta, index=index, epoch=epoch, skipped=skipped
+        )
+    anchors = meta["index"]
+    exts: list[str | None] | None = None
+    if positives == "neighbour":
+        if neighbours is None:
+            raise ValueError("positives='neighbour' needs a NeighbourIndex")
+        partners, alone = neighbours.draw(anchors, seed, epoch)
+    elif positives == "scale":
+        exts, mpp = draw_scales(shardset, anchors, seed, epoch)
+        partners, alone = anchors.copy(), np.isnan(mpp)
+        meta["partner_mpp"] = mpp
+    else:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+    pimages = shardset.read_images(partners, exts)
+    psizes, perrors = _core.image_info(pimages)
+    for i, e in enumerate(perrors):
+        if e is None:
+            continue
+        name = shardset.key_of(int(partners[i])) + (f".{exts[i]}" if exts and exts[i] else "")
+        log.warning("skipping corrupt partner image %s: %s", name, e)
+        skipped.append(name)
+        pimages[i], psizes[i] = images[i], sizes[i]
+        partners[i], alone[i] = anchors[i], True
+        if "partner_mpp" in meta:
+            meta["partner_mpp"][i] = np.nan
+    meta["partner_index"] = partners
+    sources = pair_sources(spec)
+    params = sample_pair_params(spec, (sizes, psizes), sources, rng, stain_stats)
+    return RawBatch(
+        data=data,
+        params=params,
+        meta=meta,
+        index=index,
+        epoch=epoch,
+        skipped=skipped,
+        partner=[np.frombuffer(b, dtype=np.uint8) for b in pimages],
+        sources=sources,
+        no_partner=int(alone.sum()),
+    )
 
 
 class Plan:
@@ -205,9 +290,11 @@ class Loader(EpochPosition):
     """Iterable over :class:`~pathflow.data.batch.Batch` es; see :func:`make_loader`.
 
     ``stats`` (cumulative over the batches yielded, kept across :meth:`load_state_dict`):
-    ``samples``, ``batches``, ``skipped`` (corrupt images replaced), and
-    ``slides_per_batch_mean`` / ``slides_per_batch_min``, the mean and minimum number of
-    distinct ``meta["slide"]`` values per batch (0 before the first batch).
+    ``samples``, ``batches``, ``skipped`` (corrupt images replaced), ``no_partner``
+    (with positive pairs: anchors paired with themselves, having no neighbour within the
+    radius or no other magnification), and ``slides_per_batch_mean`` /
+    ``slides_per_batch_min``, the mean and minimum number of distinct ``meta["slide"]``
+    values per batch (0 before the first batch).
     """
 
     def __init__(
@@ -223,7 +310,15 @@ class Loader(EpochPosition):
         self.cfg = cfg
         self.stain_stats = stain_stats
         self._init_position()
+        self.stats["no_partner"] = 0
         self._dali: Any = None
+        self.neighbours: NeighbourIndex | None = None
+        if cfg.positives == "neighbour":
+            from pathflow.data.neighbours import NeighbourIndex
+
+            self.neighbours = NeighbourIndex.from_shards(
+                shardset, radius=cfg.neighbour_radius, metric=cfg.neighbour_metric
+            )
 
     def __len__(self) -> int:
         return num_batches(len(self.shardset), self.cfg)
@@ -240,11 +335,33 @@ class Loader(EpochPosition):
         c = self.cfg
         return (
             f"Loader({len(self.shardset)} samples, {len(self)} batches of {c.batch_size}, "
-            f"views={self.spec.name} x{self.spec.num_views}, backend={c.backend}, "
+            f"views={self.spec.name} x{self.spec.num_views}, positives={c.positives}, "
+            f"backend={c.backend}, "
             f"device={c.device}, shuffle_mode={c.shuffle_mode}, rank {c.rank}/{c.world_size})"
         )
 
     # ------------------------------------------------------------------ state
+    def _positives(self) -> dict[str, Any]:
+        c = self.cfg
+        out: dict[str, Any] = {"positives": c.positives}
+        if c.positives == "neighbour":
+            out.update(neighbour_radius=c.neighbour_radius, neighbour_metric=c.neighbour_metric)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), **self._positives()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in self._positives().items():
+            old = state.get(k, "augment" if k == "positives" else None)
+            if old != v:
+                raise ValueError(f"cannot resume loader: {k} was {old}, now {v}")
+        super().load_state_dict(state)
+
+    def _count(self, batch: Batch) -> None:
+        super()._count(batch)
+        self.stats["no_partner"] = int(self.stats.get("no_partner", 0)) + batch.no_partner
+
     # -------------------------------------------------------------- iteration
     def _raw_batches(self, plan: Plan, start: int, step: int = 1) -> Iterator[RawBatch]:
         for b in range(start, plan.num_batches, step):
@@ -257,6 +374,8 @@ class Loader(EpochPosition):
                 rank=self.cfg.rank,
                 index=b,
                 stain_stats=self.stain_stats,
+                positives=self.cfg.positives,
+                neighbours=self.neighbours,
             )
             if raw is None:
                 log.warning("batch %d of epoch %d has no valid image; skipped", b, self.epoch)
@@ -327,14 +446,16 @@ class Loader(EpochPosition):
                 output=self.cfg.output,
                 num_threads=max(1, self.cfg.num_workers),
                 device_id=device_id,
+                sources=None if self.cfg.positives == "augment" else pair_sources(self.spec),
             )
         for views, raw in self._dali.iterate(self._raw_batches(plan, start)):
             yield Batch(
                 views=views,
-                meta=_meta_to_torch(raw.meta),
+                meta=meta_to_torch(raw.meta),
                 index=raw.index,
                 epoch=raw.epoch,
                 skipped=raw.skipped,
+                no_partner=raw.no_partner,
             )
 
 
@@ -372,6 +493,9 @@ def make_loader(
     shuffle_mode: str = "permutation",
     shuffle_buffer: int = 8192,
     stain_stats: StainStats | dict[str, Any] | None = None,
+    positives: str = "augment",
+    neighbour_radius: float = 2.0,
+    neighbour_metric: str = "chebyshev",
 ) -> Loader:
     """A loader of SSL views over WebDataset shards.
 
@@ -398,6 +522,20 @@ def make_loader(
             the buffer, batches come from one or two slides (a warning says so).
         shuffle_buffer: buffer size of ``shuffle_mode="buffer"``.
         stain_stats: RandStainNA statistics; fitted on the shards when a view needs them.
+        positives: what the views of a sample are cut from. ``"augment"`` (default): all from
+            the sample. ``"neighbour"``: the views alternate between the sample (anchor) and
+            a partner drawn uniformly from the patches of the same slide within
+            ``neighbour_radius`` grid steps (:class:`~pathflow.data.NeighbourIndex`; the
+            anchor itself where it has none, counted in ``stats["no_partner"]``).
+            ``"scale"``: the partner is the same spot at another magnification (entries
+            ``mpp<v>.jpg`` of ``pathflow tile --shards --shard-mpps 0.5,1,2``), uniform among
+            the sample's other scales; the anchor is its main (finest) image. Two-view
+            methods get (anchor, partner); DINO's globals are (anchor, partner), its locals
+            alternate (:func:`~pathflow.data.views.pair_sources`). The partner is drawn from
+            ``(seed, epoch, sample index)``: the same on any rank, worker count or resume.
+        neighbour_radius: in grid steps (neighbours have ``0 < distance <= radius``; 2 is
+            the 5 x 5 block without its centre, SGCL's ``0 < d < 3``).
+        neighbour_metric: ``"chebyshev"`` (default) or ``"euclidean"``.
     """
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
@@ -405,8 +543,26 @@ def make_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if shuffle_mode not in SHUFFLE_MODES:
         raise ValueError(f"shuffle_mode must be one of {SHUFFLE_MODES}, got {shuffle_mode!r}")
+    if positives not in POSITIVES:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+    if neighbour_metric not in METRICS:
+        raise ValueError(f"neighbour_metric must be one of {METRICS}, got {neighbour_metric!r}")
+    if not neighbour_radius > 0:
+        raise ValueError(f"neighbour_radius must be > 0 grid steps, got {neighbour_radius}")
     ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
     spec = create_views(views)
+    if positives != "augment" and spec.num_views < 2:
+        raise ValueError(
+            f"positives={positives!r} needs views with at least two views "
+            f"({spec.name} has {spec.num_views})"
+        )
+    if positives == "scale" and not ss.scale_exts:
+        raise ValueError(
+            f"{shards if not isinstance(shards, ShardSet) else ss.shards[0].path.parent}: "
+            "positives='scale' "
+            "needs multi-magnification samples (mpp<v>.jpg entries of pathflow tile --shards "
+            "--shard-mpps 0.5,1,2); these shards have one resolution"
+        )
     if device == "auto":
         try:
             import torch
@@ -449,6 +605,9 @@ def make_loader(
         device=device,
         backend=backend,
         num_workers=num_workers,
+        positives=positives,
+        neighbour_radius=float(neighbour_radius),
+        neighbour_metric=neighbour_metric,
     )
     loader = Loader(ss, spec, cfg, stain_stats)
     if len(loader) == 0:

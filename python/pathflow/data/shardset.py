@@ -36,7 +36,7 @@ import json
 import os
 import tarfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,23 @@ import numpy.typing as npt
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_MODES = ("permutation", "buffer")
 I64 = npt.NDArray[np.int64]
+
+
+def scale_mpp(ext: str) -> float | None:
+    """The mpp of a multi-magnification entry ``mpp<v>.<image ext>`` (``mpp1.jpg`` -> 1.0), or
+    None for any other extension.
+
+    Example:
+        >>> scale_mpp("mpp1.jpg"), scale_mpp("mpp0.25.webp"), scale_mpp("json")
+        (1.0, 0.25, None)
+    """
+    head, _, tail = ext.rpartition(".")  # "mpp0.25.jpg" -> ("mpp0.25", "jpg")
+    if not head.startswith("mpp") or tail not in IMAGE_EXTS:
+        return None
+    try:
+        return float(head[3:])
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -60,6 +77,8 @@ class ShardIndex:
     meta_size: I64
     cls_off: I64  # -1 where the sample has no .cls
     cls_size: I64
+    # multi-magnification entries (``mpp1.jpg``...): ext -> (offsets, sizes), -1 where absent
+    scales: dict[str, tuple[I64, I64]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -79,10 +98,17 @@ def _from_records(path: Path, records: list[tuple[str, str, int, int]]) -> Shard
     for key, ext, off, size in records:
         samples.setdefault(key, {})[ext] = (off, size)
     keys, io, isz, mo, ms, co, cs = [], [], [], [], [], [], []
+    scale_exts = sorted({e for p in samples.values() for e in p if scale_mpp(e) is not None})
+    so: dict[str, list[int]] = {e: [] for e in scale_exts}
+    ss: dict[str, list[int]] = {e: [] for e in scale_exts}
     for key, parts in samples.items():
         img = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
         if img is None:
             continue
+        for e in scale_exts:
+            o, z = parts.get(e, (-1, 0))
+            so[e].append(o)
+            ss[e].append(z)
         keys.append(key)
         io.append(img[0])
         isz.append(img[1])
@@ -96,7 +122,8 @@ def _from_records(path: Path, records: list[tuple[str, str, int, int]]) -> Shard
     def arr(x: list[int]) -> I64:
         return np.asarray(x, dtype=np.int64)
 
-    return ShardIndex(path, keys, arr(io), arr(isz), arr(mo), arr(ms), arr(co), arr(cs))
+    scales = {e: (arr(so[e]), arr(ss[e])) for e in scale_exts}
+    return ShardIndex(path, keys, arr(io), arr(isz), arr(mo), arr(ms), arr(co), arr(cs), scales)
 
 
 def read_dali_index(tar: Path, idx: Path) -> ShardIndex:
@@ -193,6 +220,66 @@ class ShardSet:
             self._fds[shard] = fd
         return fd
 
+    @property
+    def scale_exts(self) -> list[str]:
+        """The multi-magnification entries (``mpp1.jpg``, ``mpp2.jpg``...) of the shards
+        (``pathflow tile --shards --shard-mpps 0.5,1,2``), by increasing mpp; the sample's main
+        image (the finest mpp) is not listed. Empty for single-resolution shards."""
+        exts = {e for s in self.shards for e in s.scales}
+        return sorted(exts, key=lambda e: (scale_mpp(e) or 0.0, e))
+
+    def scale_mask(self, idx: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        """``(len(idx), len(scale_exts))``: which multi-magnification entries each sample has."""
+        exts = self.scale_exts
+        shards, local = self.locate(np.asarray(idx, dtype=np.int64))
+        out = np.zeros((len(shards), len(exts)), dtype=np.bool_)
+        for s in np.unique(shards).tolist():
+            sel = shards == s
+            for j, e in enumerate(exts):
+                entry = self.shards[s].scales.get(e)
+                if entry is not None:
+                    out[sel, j] = entry[0][local[sel]] >= 0
+        return out
+
+    def read_images(
+        self, idx: npt.NDArray[np.int64], exts: Sequence[str | None] | None = None
+    ) -> list[bytes]:
+        """Encoded bytes of one entry per sample: the main image, or ``exts[i]`` (a
+        multi-magnification entry such as ``mpp1.jpg``; None = the main image)."""
+        shards, local = self.locate(np.asarray(idx, dtype=np.int64))
+        out: list[bytes] = []
+        for k, (s, i) in enumerate(zip(shards.tolist(), local.tolist(), strict=True)):
+            sh = self.shards[s]
+            ext = exts[k] if exts is not None else None
+            if ext is None:
+                off, size = int(sh.img_off[i]), int(sh.img_size[i])
+            else:
+                entry = sh.scales.get(ext)
+                if entry is None or entry[0][i] < 0:
+                    raise KeyError(f"{sh.path}: sample {sh.keys[i]} has no {ext} entry")
+                off, size = int(entry[0][i]), int(entry[1][i])
+            out.append(self._pread(s, off, size))
+        return out
+
+    def key_of(self, idx: int) -> str:
+        """The key of global sample ``idx``."""
+        shards, local = self.locate(np.asarray([idx], dtype=np.int64))
+        return self.shards[int(shards[0])].keys[int(local[0])]
+
+    def read_json(self, idx: int) -> dict[str, Any]:
+        """The parsed ``.json`` of global sample ``idx`` ({} when it has none or it is not
+        valid JSON)."""
+        shards, local = self.locate(np.asarray([idx], dtype=np.int64))
+        s, i = int(shards[0]), int(local[0])
+        sh = self.shards[s]
+        if sh.meta_off[i] < 0:
+            return {}
+        try:
+            meta = json.loads(self._pread(s, int(sh.meta_off[i]), int(sh.meta_size[i])))
+        except ValueError:
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -212,11 +299,13 @@ class ShardSet:
         return data
 
     def read(self, idx: npt.NDArray[np.int64]) -> tuple[list[bytes], list[dict[str, Any]]]:
-        """Encoded image bytes and metadata (key, slide, x, y, label) of global samples."""
-        shards, local = self.locate(np.asarray(idx, dtype=np.int64))
+        """Encoded image bytes and metadata (key, slide, x, y, label, and ``index``, the
+        global sample index) of global samples."""
+        idx = np.asarray(idx, dtype=np.int64)
+        shards, local = self.locate(idx)
         images: list[bytes] = []
         metas: list[dict[str, Any]] = []
-        for s, i in zip(shards.tolist(), local.tolist(), strict=False):
+        for g, s, i in zip(idx.tolist(), shards.tolist(), local.tolist(), strict=False):
             sh = self.shards[s]
             images.append(self._pread(s, int(sh.img_off[i]), int(sh.img_size[i])))
             meta: dict[str, Any] = {}
@@ -236,6 +325,7 @@ class ShardSet:
             metas.append(
                 {
                     "key": key,
+                    "index": g,
                     "slide": str(meta.get("slide", Path(key).name)),
                     "x": int(meta.get("x", -1)),
                     "y": int(meta.get("y", -1)),

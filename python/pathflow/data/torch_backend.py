@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pathflow.data.augment_torch import apply_color_stages, finish
-from pathflow.data.batch import Batch, RawBatch
+from pathflow.data.batch import Batch, RawBatch, meta_to_torch
 from pathflow.data.views import ViewsSpec
 
 if TYPE_CHECKING:
@@ -24,11 +24,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("pathflow.data")
 
 
-def view_groups(raw: RawBatch) -> list[tuple[int, int]]:
-    """Runs of consecutive views with the same output size: (first view, count)."""
+def view_groups(raw: RawBatch | list[Any]) -> list[tuple[int, int]]:
+    """Runs of consecutive views (of a batch, or a list of view parameters) with the same
+    output size: (first view, count)."""
+    params = raw.params if isinstance(raw, RawBatch) else raw
     groups: list[tuple[int, int]] = []
-    for v, p in enumerate(raw.params):
-        if groups and raw.params[groups[-1][0]].size == p.size:
+    for v, p in enumerate(params):
+        if groups and params[groups[-1][0]].size == p.size:
             groups[-1] = (groups[-1][0], groups[-1][1] + 1)
         else:
             groups.append((v, 1))
@@ -39,15 +41,30 @@ def decode_crops(raw: RawBatch) -> list[np.ndarray]:
     """uint8 crops ``(N, S, S, 3)`` per view (after D4), each image decoded once.
 
     Images that pass the header check but fail to decode are replaced by the next decodable
-    image of the batch and recorded in ``raw.skipped``.
+    image of the batch and recorded in ``raw.skipped``. With positive pairs
+    (``raw.partner``), each view is cut from the anchor or the partner (``raw.sources``).
     """
+    if raw.partner is None or raw.sources is None:
+        return _decode_views(raw, raw.data, raw.params)
+    out: list[np.ndarray | None] = [None] * len(raw.params)
+    for src, data in ((0, raw.data), (1, raw.partner)):
+        views = [v for v, s in enumerate(raw.sources) if s == src]
+        if not views:
+            continue
+        crops = _decode_views(raw, data, [raw.params[v] for v in views])
+        for v, c in zip(views, crops, strict=True):
+            out[v] = c
+    return [c for c in out if c is not None]
+
+
+def _decode_views(raw: RawBatch, images: list[np.ndarray], params: list[Any]) -> list[np.ndarray]:
     from pathflow import _core
 
-    groups = view_groups(raw)
-    boxes = [np.stack([raw.params[v + j].box for j in range(c)], axis=1) for v, c in groups]
-    d4 = [np.stack([raw.params[v + j].d4 for j in range(c)], axis=1) for v, c in groups]
-    sizes = [raw.params[v].size for v, _ in groups]
-    data = [a.tobytes() for a in raw.data]
+    groups = view_groups(params)
+    boxes = [np.stack([params[v + j].box for j in range(c)], axis=1) for v, c in groups]
+    d4 = [np.stack([params[v + j].d4 for j in range(c)], axis=1) for v, c in groups]
+    sizes = [params[v].size for v, _ in groups]
+    data = [a.tobytes() for a in images]
     outs, ok, reasons = _core.decode_views(data, boxes, sizes, d4)
     if not ok.all():
         good = np.flatnonzero(ok)
@@ -95,13 +112,6 @@ def augment_torch(
     return out
 
 
-def _meta_tensors(meta: dict[str, Any]) -> dict[str, Any]:
-    out = dict(meta)
-    for k in ("x", "y", "label"):
-        out[k] = torch.from_numpy(np.asarray(meta[k], dtype=np.int64))
-    return out
-
-
 class ViewsDataset(IterableDataset[Any]):
     """Yields finished :class:`Batch` es (``augment=True``) or ``(crops, raw)`` pairs."""
 
@@ -121,10 +131,11 @@ class ViewsDataset(IterableDataset[Any]):
                 views = augment_cpu(crops, raw, ld.spec, ld.cfg.output)
                 yield Batch(
                     views=views,
-                    meta=_meta_tensors(raw.meta),
+                    meta=meta_to_torch(raw.meta),
                     index=raw.index,
                     epoch=raw.epoch,
                     skipped=raw.skipped,
+                    no_partner=raw.no_partner,
                 )
             else:
                 yield [torch.from_numpy(c) for c in crops], raw  # shared memory
@@ -136,8 +147,9 @@ def finish_on_device(item: Any, spec: ViewsSpec, output: str, device: str) -> Ba
     views = augment_torch(crops, raw, spec, output, device)
     return Batch(
         views=views,
-        meta=_meta_tensors(raw.meta),
+        meta=meta_to_torch(raw.meta),
         index=raw.index,
         epoch=raw.epoch,
         skipped=raw.skipped,
+        no_partner=raw.no_partner,
     )

@@ -539,6 +539,41 @@ def sample_view_params(
     )
 
 
+def pair_sources(spec: ViewsSpec) -> list[int]:
+    """For positive pairs (``make_loader(positives="neighbour"|"scale")``): the image each
+    output view is cut from, 0 = the anchor, 1 = its partner. Views of the same size alternate,
+    starting with the anchor: SimCLR/BYOL/MoCo's two views are (anchor, partner), DINO's two
+    global views (anchor, partner) and its local views anchor, partner, anchor, ...
+
+    Example:
+        >>> pair_sources(create_views("simclr")), pair_sources(create_views("dino"))[:4]
+        ([0, 1], [0, 1, 0, 1])
+    """
+    seen: dict[int, int] = {}
+    out = []
+    for v in spec.expand():
+        k = seen.get(v.size, 0)
+        seen[v.size] = k + 1
+        out.append(k % 2)
+    return out
+
+
+def sample_pair_params(
+    spec: ViewsSpec,
+    sizes: tuple[npt.NDArray[Any], npt.NDArray[Any]],
+    sources: list[int],
+    rng: np.random.Generator,
+    stain_stats: StainStats | None = None,
+) -> list[ViewParams]:
+    """Parameters for every view of a batch of pairs: view ``v`` is cut from image
+    ``sources[v]`` (0 anchor, 1 partner) whose ``(n, 2)`` width/height array is
+    ``sizes[sources[v]]``."""
+    return [
+        sample_view_params(v, sizes[s][:, 0], sizes[s][:, 1], rng, stain_stats)
+        for v, s in zip(spec.expand(), sources, strict=True)
+    ]
+
+
 def sample_batch_params(
     spec: ViewsSpec,
     widths: npt.NDArray[Any],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -38,13 +39,16 @@ log = logging.getLogger("pathflow.eval")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def retrieval_metrics(
-    z1: npt.ArrayLike, z2: npt.ArrayLike, ks: Sequence[int] = (1, 5)
-) -> dict[str, float]:
-    """Top-k retrieval of ``z2[i]`` from ``z1[i]`` among all rows of ``z2`` (cosine).
+def retrieval_ranks(z1: npt.ArrayLike, z2: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Rank of ``z2[i]`` among all rows of ``z2`` by cosine similarity to ``z1[i]``, per
+    image (1 = found first; candidates exactly as similar share their mean position)."""
+    greater, ties = _greater_ties(z1, z2)
+    return greater + 1.0 + ties / 2.0
 
-    Returns ``top{k}`` for each k (ties credited fractionally, see the module docstring),
-    ``mean_rank`` (1 = best, ties at their mean position), ``n`` and ``chance_top{k}``."""
+
+def _greater_ties(
+    z1: npt.ArrayLike, z2: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     a = np.asarray(z1, np.float64)
     b = np.asarray(z2, np.float64)
     if a.ndim != 2 or a.shape != b.shape or len(a) == 0:
@@ -53,16 +57,44 @@ def retrieval_metrics(
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     sim = a @ b.T
     own = np.diag(sim)[:, None]
-    n = len(a)
     greater = (sim > own).sum(1).astype(np.float64)
     ties = (sim == own).sum(1).astype(np.float64) - 1.0  # other candidates as similar
+    return greater, ties
+
+
+def retrieval_metrics(
+    z1: npt.ArrayLike, z2: npt.ArrayLike, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
+    """Top-k retrieval of ``z2[i]`` from ``z1[i]`` among all rows of ``z2`` (cosine).
+
+    Returns ``top{k}`` for each k (ties credited fractionally, see the module docstring),
+    ``mean_rank`` and ``median_rank`` (1 = best, ties at their mean position), ``n`` and
+    ``chance_top{k}``."""
+    greater, ties = _greater_ties(z1, z2)
+    n = len(greater)
     out: dict[str, float] = {"n": float(n)}
     for k in ks:
         credit = np.clip((k - greater) / (ties + 1.0), 0.0, 1.0)
         out[f"top{k}"] = float(credit.mean())
         out[f"chance_top{k}"] = min(k, n) / n
-    out["mean_rank"] = float((greater + 1.0 + ties / 2.0).mean())
+    ranks = greater + 1.0 + ties / 2.0
+    out["mean_rank"] = float(ranks.mean())
+    out["median_rank"] = float(np.median(ranks))
     return out
+
+
+def sign_test(before: npt.ArrayLike, after: npt.ArrayLike) -> dict[str, float]:
+    """Paired comparison of per-image ranks (lower is better): how many images rank better
+    ``after`` than ``before``, how many worse, and the two-sided exact sign-test p-value of
+    that split (ties left out), ``2 * P[Binomial(n, 1/2) <= min(better, worse)]``."""
+    b = np.asarray(before, np.float64)
+    a = np.asarray(after, np.float64)
+    if b.shape != a.shape:
+        raise ValueError(f"need paired ranks of one shape, got {b.shape} and {a.shape}")
+    better, worse = int((a < b).sum()), int((a > b).sum())
+    n, k = better + worse, min(better, worse)
+    p = min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n) if n else 1.0
+    return {"better": float(better), "worse": float(worse), "tied": float(len(a) - n), "p": p}
 
 
 def pair_spec(preset: str, size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
@@ -167,6 +199,7 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
 
     z1, z2 = embed_views(v1, v2, embed, cfg.batch_size)
     metrics = retrieval_metrics(z1, z2)
+    ranks = retrieval_ranks(z1, z2)
     report = {
         "method": "retrieval",
         "arch": cfg.arch,
@@ -183,8 +216,22 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = ["image,rank"] + [f"{_csv(str(q))},{r:g}" for q, r in zip(paths, ranks, strict=True)]
+    (out / "ranks.csv").write_text("\n".join(lines) + "\n")
     log.info("retrieval top-1 %.3f on %d images -> %s", metrics["top1"], len(paths), out)
     return report
+
+
+def _csv(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def read_ranks(path: str | Path) -> dict[str, float]:
+    """``ranks.csv`` of a retrieval run: image path -> rank."""
+    import csv
+
+    with open(path, newline="") as f:
+        return {row["image"]: float(row["rank"]) for row in csv.DictReader(f)}
 
 
 def summary(report: dict[str, Any]) -> str:

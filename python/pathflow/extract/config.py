@@ -70,6 +70,20 @@ class ExtractConfig(ModelOptions, YamlConfig):
     #: sub-patch size
     slides: str | None = None
     region_patch: int = 256
+    #: coordinate inputs: how patches are read from the slides and encoded before the model,
+    #: as ``pathflow tile --shards`` encodes them (``--quality``, ``--transcode``, ``--format``)
+    quality: int = 90
+    transcode: str = "auto"
+    patch_format: str = "jpg"
+    #: many jobs: ``I/N`` or ``auto`` (job-array index); slides of other parts are left alone
+    part: str | None = None
+    #: ``local`` or ``dask`` (``scheduler`` / ``scheduler_file``, else a local cluster of
+    #: ``dask_workers`` processes, 0: one per GPU or one); ``chunk_slides`` slides per task
+    executor: str = "local"
+    scheduler: str | None = None
+    scheduler_file: str | None = None
+    dask_workers: int = 0
+    chunk_slides: int = 4
 
     def validate(self) -> None:
         if isinstance(self.inputs, str):
@@ -93,8 +107,32 @@ class ExtractConfig(ModelOptions, YamlConfig):
             raise ConfigError(
                 f"--region-dtype must be float16 or float32, got {self.region_dtype!r}"
             )
+        self.validate_jobs()
         if not self.features_dir or "/" in self.features_dir or self.features_dir in (".", ".."):
             raise ConfigError(f"--features-dir must be a plain folder name: {self.features_dir!r}")
+
+    def validate_jobs(self) -> None:
+        """Slide reading, ``--part`` and executor options."""
+        if not 1 <= self.quality <= 100:
+            raise ConfigError(f"--quality must be in 1..100, got {self.quality}")
+        if self.transcode not in ("auto", "always", "never"):
+            raise ConfigError(f"--transcode must be auto, always or never, got {self.transcode!r}")
+        if self.patch_format not in ("jpg", "png", "webp"):
+            raise ConfigError(f"--patch-format must be jpg, png or webp, got {self.patch_format!r}")
+        if self.part is not None:
+            from pathflow.jobs.partition import parse_part
+
+            parse_part(self.part)
+        if self.executor not in ("local", "dask"):
+            raise ConfigError(f"--executor must be local or dask, got {self.executor!r}")
+        if (self.scheduler or self.scheduler_file) and self.executor != "dask":
+            raise ConfigError("--scheduler / --scheduler-file need --executor dask")
+        if self.scheduler and self.scheduler_file:
+            raise ConfigError("give --scheduler or --scheduler-file, not both")
+        if self.scheduler_file and not Path(self.scheduler_file).is_file():
+            raise ConfigError(f"{self.scheduler_file}: scheduler file not found")
+        if self.dask_workers < 0 or self.chunk_slides < 1:
+            raise ConfigError("--dask-workers must be >= 0 and --chunk-slides >= 1")
 
     def model_key(self) -> dict[str, Any]:
         """The setup that must not change between a run and its resumption in the same folder

@@ -9,6 +9,12 @@ run) and the same input size and mean/std, so weights retrained into the same fi
 mistaken for the old ones. Undecodable patches are left out of the file (counted in
 ``num_skipped`` and a warning).
 
+Many jobs: ``part`` (``I/N`` or ``auto``) keeps the slides whose id hashes to that part
+(:mod:`pathflow.jobs.partition`) and writes ``extract_manifest.part-000I-of-000N.csv``;
+``executor="dask"`` sends ``chunk_slides`` slides per task to a Dask cluster
+(:mod:`pathflow.jobs.dask_executor`), where each worker process loads the model once
+(:func:`worker_models`), checks and writes its slides' files itself and returns their rows.
+
 Example:
     >>> from pathflow.extract.config import ExtractConfig
     >>> from pathflow.extract.runner import run_extract
@@ -21,10 +27,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +52,7 @@ from pathflow.extract.hierarchy import (
 )
 from pathflow.extract.model import load_extractor
 from pathflow.extract.sources import (
+    COORDS_KIND,
     PatchGroup,
     PatchRef,
     RegionGroup,
@@ -50,10 +60,12 @@ from pathflow.extract.sources import (
     discover_regions,
 )
 from pathflow.extract.writer import is_complete, model_id, write_features
+from pathflow.jobs.partition import format_part, parse_part, part_of
 from pathflow.outputs import atomic_path, sha256_file
 
 log = logging.getLogger("pathflow.extract")
 
+MANIFEST = "extract_manifest.csv"
 MANIFEST_FIELDS = ["slide", "status", "patches", "skipped", "seconds", "file", "model", "error"]
 
 
@@ -94,35 +106,105 @@ class ExtractReport:
         return text
 
 
+@dataclass
+class ExtractJob:
+    """What every worker needs besides its slides (picklable, sent with each Dask task):
+    the config, the resolved input size, the weights' sha256 and the models recorded in
+    previous manifests."""
+
+    cfg: ExtractConfig
+    image_size: int | None
+    digest: str | None
+    recorded: dict[str, str]
+
+
+@dataclass
+class Models:
+    """A loaded backbone (+ ViT-4K for ``--model hipt``) and the attrs it writes."""
+
+    backbone: Any
+    attrs: dict[str, Any]
+    vit4k: Any
+    mid: str
+
+
+@dataclass
+class GroupsResult:
+    """Rows and counters of one batch of slides (a local run or one Dask task)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    images: int = 0
+    embed_seconds: float = 0.0
+    regions: int = 0
+
+
 def run_extract(
     cfg: ExtractConfig, progress: bool | None = None, decoder: Decoder | None = None
 ) -> ExtractReport:
     """Extract features for every slide of ``cfg.inputs`` (see the module docstring)."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     regions = cfg.model != "patches"
-    groups = _collect(cfg, regions)
+    part = parse_part(cfg.part) if cfg.part else None
+    groups = _collect(cfg, regions, part)
     out = Path(cfg.out)
     fdir = out / cfg.features_dir
     report = ExtractReport(out=fdir)
     _check_previous(out / "extract.yaml", cfg)
-    digest = _digest(cfg.weights)
     image_size = cfg.image_size
     if regions and image_size is None and groups:
         # HIPT runs its ViT-256 on the 256 px sub-patches as they are (no resize)
         image_size = int(groups[0].attrs.get("region_patch_size") or 0) or None
-    backbone = load_extractor(str(cfg.arch), cfg.weights, cfg.pretrained, image_size,
-                              cfg.norm, cfg.device, weights_sha256=digest,
+    job = ExtractJob(cfg, image_size, _digest(cfg.weights), _recorded_models(out))
+    manifest = out / (f"extract_manifest.{format_part(part)}.csv" if part else MANIFEST)
+    models = load_models(job) if cfg.executor == "local" else None
+    fdir.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "extract.yaml")
+    result = GroupsResult()
+    try:
+        if models is None:
+            _run_dask(job, groups, result, progress)
+        else:
+            extract_groups(job, groups, models, result, progress, decoder)
+    finally:
+        report.rows, report.images, report.regions = result.rows, result.images, result.regions
+        report.embed_seconds = result.embed_seconds
+        report.rows.sort(key=lambda r: r["slide"])
+        _write_manifest(manifest, report.rows)
+        report.seconds = time.perf_counter() - t0
+    return report
+
+
+def load_models(job: ExtractJob, device: str | None = None) -> Models:
+    """The backbone of ``job`` (and HIPT's ViT-4K) on ``device`` (default: the config's)."""
+    cfg = job.cfg
+    regions = cfg.model != "patches"
+    backbone = load_extractor(str(cfg.arch), cfg.weights, cfg.pretrained, job.image_size,
+                              cfg.norm, device or cfg.device, weights_sha256=job.digest,
                               norm_fallback="hipt" if regions else "imagenet",
                               precision=cfg.precision, compile=cfg.compile)  # fmt: skip
-    model_attrs = backbone.attrs()
+    attrs = backbone.attrs()
     vit4k = None
     if cfg.model == "hipt":
         vit4k, attrs_4k = _load_vit4k(cfg, backbone)
-        model_attrs.update(attrs_4k)
-    mid = model_id(model_attrs)
-    recorded = _recorded_models(out / "extract_manifest.csv")
+        attrs.update(attrs_4k)
+    return Models(backbone, attrs, vit4k, model_id(attrs))
+
+
+def extract_groups(
+    job: ExtractJob,
+    groups: list[PatchGroup],
+    models: Models,
+    result: GroupsResult,
+    progress: bool | None = None,
+    decoder: Decoder | None = None,
+) -> None:
+    """Embed ``groups`` with ``models`` and write their files; rows and counters go into
+    ``result`` as slides finish (also when a later slide raises). Complete files are
+    ``resumed``."""
+    from tqdm.auto import tqdm
+
+    cfg = job.cfg
+    fdir = Path(cfg.out) / cfg.features_dir
     rows_ds = ROWS_DATASET.get(cfg.model, "features")
     todo: list[PatchGroup] = []
     redo: dict[str, int] = {}
@@ -130,12 +212,12 @@ def run_extract(
         dest = fdir / f"{g.name}.{cfg.format}"
         expected = g.num_regions if isinstance(g, RegionGroup) else len(g)
         done, why = (
-            is_complete(dest, expected, model_attrs, recorded.get(g.name), rows_ds)
+            is_complete(dest, expected, models.attrs, job.recorded.get(g.name), rows_ds)
             if not cfg.overwrite
             else (False, "")
         )
         if done:
-            report.rows.append(_row(g.name, "resumed", dest, patches=expected, model=mid))
+            result.rows.append(_row(g.name, "resumed", dest, patches=expected, model=models.mid))
             continue
         if dest.exists() and not cfg.overwrite:
             if not redo:
@@ -146,52 +228,172 @@ def run_extract(
         log.warning("redoing %d existing file(s): %s", sum(redo.values()),
                     "; ".join(f"{n} {why}" for why, n in redo.items()))  # fmt: skip
     fdir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "extract.yaml")
     total = sum(len(g) for g in todo)
-    unit = "patches of regions" if regions else "patches"
+    unit = "patches of regions" if cfg.model != "patches" else "patches"
     log.info("%d slide(s) to extract (%d %s), %d resumed", len(todo), total, unit,
              len(groups) - len(todo))  # fmt: skip
-    embedder = Embedder(backbone, cfg.batch_size, cfg.workers, decoder=decoder)
+    embedder = Embedder(models.backbone, cfg.batch_size, cfg.workers, decoder=decoder)
     bar = tqdm(total=total, unit="img", desc="extract", disable=progress is False or not total,
                dynamic_ncols=True)  # fmt: skip
     t_embed = time.perf_counter()
     try:
         for g, feats, ok, reasons, secs in _per_group(embedder, todo, bar):
             dest = fdir / f"{g.name}.{cfg.format}"
-            report.images += len(g)
+            result.images += len(g)
             if isinstance(g, RegionGroup):
-                report.rows.append(
-                    _write_regions(cfg, g, feats, ok, reasons, secs, dest, model_attrs, mid, vit4k)
-                )
-                report.regions += g.num_regions
+                row = _write_regions(cfg, g, feats, ok, reasons, secs, dest, models.attrs,
+                                     models.mid, models.vit4k)  # fmt: skip
+                result.rows.append(row)
+                result.regions += g.num_regions
                 continue
-            bad = int((~ok).sum())
-            if bad:
-                first = next(r for r in reasons if r)
-                log.warning("%s: %d of %d patches undecodable, skipped (e.g. %s)",
-                            g.name, bad, len(g), first)  # fmt: skip
-            if not ok.any():
-                report.rows.append(_row(g.name, "failed", dest, 0, bad, secs,
-                                        error=f"no decodable patch ({first})"))  # fmt: skip
-                continue
-            attrs = {
-                **g.attrs,
-                **model_attrs,
-                "slide": g.name,
-                "num_patches": int(ok.sum()),
-                "num_skipped": bad,
-                "format": "pathflow-features-v1",
-            }
-            names = [n for n, k in zip(g.names, ok, strict=True) if k] if g.names else None
-            write_features(dest, feats[ok], g.coords[ok], attrs, names)
-            report.rows.append(_row(g.name, "ok", dest, int(ok.sum()), bad, secs, model=mid))
+            result.rows.append(_write_patches(cfg, g, feats, ok, reasons, secs, dest, models))
     finally:
         bar.close()
-        report.embed_seconds = time.perf_counter() - t_embed
-        report.rows.sort(key=lambda r: r["slide"])
-        _write_manifest(out / "extract_manifest.csv", report.rows)
-        report.seconds = time.perf_counter() - t0
-    return report
+        result.embed_seconds += time.perf_counter() - t_embed
+
+
+def _write_patches(
+    cfg: ExtractConfig,
+    g: PatchGroup,
+    feats: np.ndarray,
+    ok: np.ndarray,
+    reasons: list[str | None],
+    secs: float,
+    dest: Path,
+    models: Models,
+) -> dict[str, Any]:
+    """One slide's features file (``--model patches``); its manifest row."""
+    bad = int((~ok).sum())
+    first = next((r for r in reasons if r), "?")
+    if bad:
+        log.warning("%s: %d of %d patches undecodable, skipped (e.g. %s)",
+                    g.name, bad, len(g), first)  # fmt: skip
+    if not ok.any():
+        return _row(g.name, "failed", dest, 0, bad, secs, error=f"no decodable patch ({first})")
+    attrs = {
+        **g.attrs,
+        **models.attrs,
+        "slide": g.name,
+        "num_patches": int(ok.sum()),
+        "num_skipped": bad,
+        "format": "pathflow-features-v1",
+    }
+    names = [n for n, k in zip(g.names, ok, strict=True) if k] if g.names else None
+    write_features(dest, feats[ok], g.coords[ok], attrs, names)
+    return _row(g.name, "ok", dest, int(ok.sum()), bad, secs, model=models.mid)
+
+
+# ------------------------------------------------------------------------------------ Dask
+#: The models of this worker process, loaded by its first task (one entry: a new setup
+#: replaces it).
+_WORKER_MODELS: dict[str, Models] = {}
+_WORKER_LOCK = threading.Lock()
+
+
+def _worker_device(device: str) -> str:
+    """``auto`` on a multi-GPU node: the GPU of this worker's index (local cluster workers
+    are named 0, 1...), so N workers share N GPUs; else ``device``."""
+    if device != "auto":
+        return device
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n <= 1:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    return f"cuda:{name % n}" if isinstance(name, int) else device
+
+
+def worker_models(job: ExtractJob) -> Models:
+    """The models of ``job``, loaded once per worker process (cached by their setup)."""
+    cfg = job.cfg
+    device = _worker_device(cfg.device)
+    setup = [cfg.model_key(), cfg.norm, cfg.precision, cfg.compile, device, job.image_size,
+             job.digest, cfg.arch_4k]  # fmt: skip
+    key = json.dumps(setup, sort_keys=True, default=str)
+    with _WORKER_LOCK:  # a worker with several threads loads its model once
+        if key not in _WORKER_MODELS:
+            _WORKER_MODELS.clear()
+            _WORKER_MODELS[key] = load_models(job, device)
+        return _WORKER_MODELS[key]
+
+
+def extract_task(job: ExtractJob, groups: list[PatchGroup]) -> GroupsResult:
+    """One Dask task: a chunk of slides with this worker's cached models; a slide that raises
+    fails with the rest of the chunk after it (one line each), the finished ones are kept."""
+    result = GroupsResult()
+    try:
+        extract_groups(job, groups, worker_models(job), result, progress=False)
+    except Exception as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        done = {r["slide"] for r in result.rows}
+        result.rows += [_failed_row(job.cfg, g, why) for g in groups if g.name not in done]
+    return result
+
+
+def _failed_row(cfg: ExtractConfig, g: PatchGroup, why: str) -> dict[str, Any]:
+    return _row(g.name, "failed", Path(cfg.out) / cfg.features_dir / f"{g.name}.{cfg.format}",
+                error=why)  # fmt: skip
+
+
+def _run_dask(
+    job: ExtractJob, groups: list[PatchGroup], result: GroupsResult, progress: bool | None
+) -> None:
+    """``chunk_slides`` slides per task on a Dask cluster; rows collected here as tasks end."""
+    from tqdm.auto import tqdm
+
+    from pathflow.jobs.dask_executor import dask_client, run_tasks
+
+    cfg = job.cfg
+    groups = [g for g in groups if len(g)]
+    n = cfg.chunk_slides
+    chunks = [groups[i : i + n] for i in range(0, len(groups), n)]
+    if not chunks:
+        return
+    workers = cfg.dask_workers or _local_workers()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    env = {"OMP_NUM_THREADS": str(threads)}  # torch's CPU threads (Dask's default is 1)
+    bar = tqdm(total=len(groups), unit="slide", desc="extract (dask)",
+               disable=progress is False, dynamic_ncols=True)  # fmt: skip
+
+    def finish(i: int, res: GroupsResult) -> None:
+        result.rows.extend(res.rows)
+        result.images += res.images
+        result.regions += res.regions
+        bar.update(len(chunks[i]))
+
+    def failed(i: int, why: str) -> GroupsResult:
+        return GroupsResult(rows=[_failed_row(cfg, g, why) for g in chunks[i]])
+
+    t_run = time.perf_counter()
+    try:
+        with dask_client(cfg.scheduler, cfg.scheduler_file, workers, threads, env) as client:
+            log.info("dask: %d slide(s) in %d task(s) on %s", len(groups), len(chunks),
+                     client.scheduler.address)  # fmt: skip
+            payloads = [(_chunk_job(job, c), c) for c in chunks]
+            run_tasks(extract_task, payloads, finish, failed, client=client,
+                      names=[c[0].name for c in chunks])  # fmt: skip
+    finally:
+        bar.close()
+        result.embed_seconds = time.perf_counter() - t_run
+
+
+def _chunk_job(job: ExtractJob, chunk: list[PatchGroup]) -> ExtractJob:
+    """``job`` with only the recorded models of ``chunk``'s slides (small task payloads)."""
+    rec = {g.name: job.recorded[g.name] for g in chunk if g.name in job.recorded}
+    return replace(job, recorded=rec)
+
+
+def _local_workers() -> int:
+    """Local cluster size: one worker per GPU, else one (torch uses every core)."""
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
 def _digest(weights: str | None) -> str | None:
@@ -281,15 +483,28 @@ def _write_regions(
     return _row(g.name, "ok", dest, int(rok.sum()), bad, secs, model=mid)
 
 
-def _collect(cfg: ExtractConfig, regions: bool = False) -> list[PatchGroup]:
-    inputs = cfg.inputs
+def _collect(
+    cfg: ExtractConfig, regions: bool = False, part: tuple[int, int] | None = None
+) -> list[PatchGroup]:
+    """Every input's groups, sorted by name; with ``part`` only those of that part (by slide
+    id: the coordinate file's stem, else the group name)."""
+    from pathflow.extract.slide_regions import SlideReadOptions
+
+    read = SlideReadOptions(slides=cfg.slides, format=cfg.patch_format, quality=cfg.quality,
+                            transcode=cfg.transcode, threads=max(2, cfg.workers))  # fmt: skip
+
+    def keep(sid: str) -> bool:
+        return part is None or part_of(sid, part[1]) == part[0]
+
     groups: dict[str, PatchGroup] = {}
-    for inp in inputs:
+    for inp in cfg.inputs:
         if regions:
-            kind, rfound = discover_regions(inp, cfg.slides, cfg.region_patch)
+            kind, rfound = discover_regions(inp, cfg.slides, cfg.region_patch, read, keep)
             found = list[PatchGroup](rfound)
         else:
-            kind, found = discover(inp)
+            kind, found = discover(inp, read, keep)
+        if part is not None and kind != COORDS_KIND:
+            found = [g for g in found if keep(g.name)]
         log.info("%s: %s, %d group(s)", inp, kind, len(found))
         for g in found:
             if g.name in groups:
@@ -298,19 +513,21 @@ def _collect(cfg: ExtractConfig, regions: bool = False) -> list[PatchGroup]:
     return [groups[k] for k in sorted(groups)]
 
 
-def _recorded_models(path: Path) -> dict[str, str]:
-    """Slide -> ``model`` id of the finished slides in a previous run's manifest."""
-    if not path.is_file():
-        return {}
-    try:
-        with open(path, newline="") as f:
-            return {
-                r["slide"]: r["model"]
-                for r in csv.DictReader(f)
-                if r.get("status") in ("ok", "resumed") and r.get("model")
-            }
-    except (OSError, csv.Error, KeyError, UnicodeDecodeError):
-        return {}
+def _recorded_models(out: Path) -> dict[str, str]:
+    """Slide -> ``model`` id of the finished slides in previous runs' manifests (the whole
+    run's and every part's)."""
+    found: dict[str, str] = {}
+    for path in sorted(out.glob("extract_manifest*.csv")):
+        try:
+            with open(path, newline="") as f:
+                found.update({
+                    r["slide"]: r["model"]
+                    for r in csv.DictReader(f)
+                    if r.get("status") in ("ok", "resumed") and r.get("model")
+                })  # fmt: skip
+        except (OSError, csv.Error, KeyError, UnicodeDecodeError):
+            continue
+    return found
 
 
 def _check_previous(path: Path, cfg: ExtractConfig) -> None:

@@ -1,30 +1,32 @@
-"""Regions straight from coordinate files + slides, for ``pathflow extract --model
-regions|hipt`` without shards.
+"""Patches and regions straight from coordinate files + slides, for ``pathflow extract``
+without shards (the CLAM / TRIDENT way).
 
-Inputs: the output folder of ``pathflow tile --region R`` (its ``coords/<slide>.h5``), a folder
-of such files, or CLAM's ``patches/*.h5`` (``coords`` [M, 2] level-0 top-left corners; attrs
+Inputs: the output folder of ``pathflow tile`` (its ``coords/<slide>.h5``), a folder of such
+files, or CLAM's ``patches/*.h5`` (``coords`` [M, 2] level-0 top-left corners; attrs
 ``patch_level``, ``patch_size``). The slide of each file is ``--slides DIR`` + the file's stem
-(any slide extension), else the ``slide_path`` attribute pathflow writes. Each region is read
-at ``patch_level`` (``patch_size`` pixels there), resampled to the region size
-(``target_patch_size`` when pathflow tiled at a target mpp, else ``patch_size``), cut into its
-grid of ``--region-patch`` sub-patches and encoded by the same Rust code as ``pathflow tile
---shards`` (tiled JPEG TIFF/SVS levels read by the Rust tile reader, other slides by the
-slide readers), so features equal those of the same regions extracted from shards.
+(any slide extension), else the ``slide_path`` attribute pathflow writes. Each patch (or
+region) is read at ``patch_level`` (``patch_size`` pixels there), resampled to the output size
+(``target_patch_size`` when pathflow tiled at a target mpp, else ``patch_size``), for regions
+cut into the grid of ``--region-patch`` sub-patches, and encoded by the same Rust code as
+``pathflow tile --shards`` (tiled JPEG TIFF/SVS levels read by the Rust tile reader, native
+tiles passed through where the grid lines up with them, other slides read by the slide
+readers in a thread pool), so the features equal those of the same patches extracted from
+shards.
 
-Reading runs in a background thread a few regions ahead of the model; nothing is held
-beyond that (a 4096 px region's sub-patches are a few MB).
+Reading runs in a background thread a few chunks ahead of the model; nothing is held beyond
+that.
 
 Example:
-    >>> from pathflow.extract.slide_regions import coords_region_groups
-    >>> groups = coords_region_groups("tile_out", slides=None)  # doctest: +SKIP
-    >>> groups[0].name, groups[0].num_regions, groups[0].grid  # doctest: +SKIP
-    ('cmu_small_region', 2, 4)
+    >>> from pathflow.extract.slide_regions import coords_groups
+    >>> groups = coords_groups("tile_out")  # doctest: +SKIP
+    >>> groups[0].name, len(groups[0]), groups[0].coords.shape  # doctest: +SKIP
+    ('cmu_small_region', 43, (43, 2))
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pathflow.exceptions import ConfigError
-from pathflow.extract.sources import PatchRef, RegionGroup, SourceError
+from pathflow.extract.sources import PatchGroup, PatchRef, RegionGroup, SourceError
 
 #: Slide file extensions looked up in ``--slides``.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
@@ -41,31 +43,45 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".v
 
 
 @dataclass(frozen=True)
-class RegionReadSpec:
-    """How to produce one slide's regions."""
+class SlideReadSpec:
+    """How to produce one slide's patches (``region_patch`` 0) or regions cut into
+    ``region_patch`` px sub-patches: read ``read_size`` px at ``read_level``, resample to
+    ``region_size`` px, encode as ``format`` (``pathflow tile --shards``' encoder)."""
 
     slide: str
     read_level: int
     read_size: int
     region_size: int
-    region_patch: int
+    region_patch: int = 0
     quality: int = 90
     backend: str = "auto"
+    format: str = "jpg"
+    transcode: str = "auto"
+    threads: int = 2
 
 
-class SlideRegionRefs:
-    """The sub-patch refs of one slide's regions, produced lazily: iterating reads and
-    encodes the regions in a background thread (``chunk`` regions at a time, ``ahead``
-    chunks ahead) and yields each region's ``grid x grid`` refs in row-major order. A region
-    that cannot be read yields refs carrying the error (the embedder reports it)."""
+#: The former name (regions only).
+RegionReadSpec = SlideReadSpec
+
+
+class SlidePatchRefs:
+    """The refs of one slide's patches (or regions' sub-patches), produced lazily:
+    iterating reads and encodes them in a background thread (``chunk`` coordinates at a time,
+    ``ahead`` chunks ahead) and yields one ref per patch (a region's ``grid x grid`` refs in
+    row-major order). A patch or region that cannot be read yields refs carrying the error
+    (the embedder reports it)."""
 
     def __init__(
-        self, spec: RegionReadSpec, coords: npt.NDArray[np.int64], chunk: int = 4, ahead: int = 2
+        self,
+        spec: SlideReadSpec,
+        coords: npt.NDArray[np.int64],
+        chunk: int | None = None,
+        ahead: int = 2,
     ) -> None:
         self.spec = spec
         self.coords = coords
-        self.grid = spec.region_size // spec.region_patch
-        self.chunk = max(1, chunk)
+        self.grid = spec.region_size // spec.region_patch if spec.region_patch else 1
+        self.chunk = max(1, chunk or (4 if spec.region_patch else 128))
         self.ahead = max(1, ahead)
 
     def __len__(self) -> int:
@@ -77,12 +93,15 @@ class SlideRegionRefs:
         s = self.spec
         n = self.grid * self.grid
         try:
-            for chunk in background(self._chunks(), self.ahead, "pathflow-regions"):
-                for region in chunk:
-                    if isinstance(region, str):
-                        yield from [PatchRef(s.slide, error=region)] * n
+            for chunk in background(self._chunks(), self.ahead, "pathflow-slide-read"):
+                for item in chunk:
+                    if isinstance(item, str):
+                        yield from [PatchRef(s.slide, error=item)] * n
                         continue
-                    subs = region[1:]  # the whole region's encoding comes first
+                    if not s.region_patch:
+                        yield PatchRef(s.slide, data=item[0])
+                        continue
+                    subs = item[1:]  # the whole region's encoding comes first
                     if len(subs) != n:
                         raise SourceError(f"{s.slide}: region cut into {len(subs)}, not {n}")
                     yield from (PatchRef(s.slide, data=b) for b in subs)
@@ -92,8 +111,8 @@ class SlideRegionRefs:
             raise SourceError(f"{s.slide}: {exc}") from exc
 
     def _chunks(self) -> Iterator[list[list[bytes] | str]]:
-        """Encoded regions, ``chunk`` at a time (an error string for a region that failed;
-        every region fails when the slide cannot be opened)."""
+        """Encoded patches/regions, ``chunk`` at a time (an error string for one that failed;
+        every one fails when the slide cannot be opened)."""
         from pathflow.tiling.sources import PatchSpec, open_source
 
         s = self.spec
@@ -102,10 +121,10 @@ class SlideRegionRefs:
                 Path(s.slide),
                 s.backend,
                 PatchSpec(
-                    s.read_level, s.read_size, s.region_size, "jpg", s.quality, s.region_patch
+                    s.read_level, s.read_size, s.region_size, s.format, s.quality, s.region_patch
                 ),
-                "always",
-                2,
+                s.transcode,
+                s.threads,
             )
         except Exception as exc:
             why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -116,6 +135,10 @@ class SlideRegionRefs:
                 yield source.produce(self.coords[start : start + self.chunk])
         finally:
             source.close()
+
+
+#: The former name (regions only).
+SlideRegionRefs = SlidePatchRefs
 
 
 def _coord_files(path: Path) -> list[Path]:
@@ -136,7 +159,7 @@ def is_coords_folder(path: str | os.PathLike[str]) -> bool:
     if not files:
         return False
     try:
-        with h5py.File(files[0], "r") as f:
+        with h5py.File(files[0], "r", locking=False) as f:
             return "coords" in f and "region_features" not in f and "features" not in f
     except OSError:
         return False
@@ -159,57 +182,94 @@ def _find_slide(stem: str, slides: Path | None, attrs: dict[str, Any], source: P
     return str(sp)
 
 
-def coords_region_groups(
-    path: str | os.PathLike[str],
-    slides: str | os.PathLike[str] | None = None,
-    region_patch: int = 256,
-    quality: int = 90,
-    backend: str = "auto",
-) -> list[RegionGroup]:
-    """One :class:`RegionGroup` per coordinate file, its refs produced from the slide."""
+@dataclass(frozen=True)
+class SlideReadOptions:
+    """How coordinate inputs are read and encoded: as ``pathflow tile --shards`` does by
+    default (JPEG quality 90, native JPEG tiles passed through where the grid lines up), so
+    the features equal those of the shards."""
+
+    slides: str | None = None
+    format: str = "jpg"
+    quality: int = 90
+    transcode: str = "auto"
+    backend: str = "auto"
+    threads: int = 2
+
+
+def _read_coords(f: Path) -> tuple[npt.NDArray[np.int64], dict[str, Any]]:
     import h5py
 
+    try:
+        with h5py.File(f, "r", locking=False) as h:
+            if "coords" not in h:
+                raise ConfigError(f"{f}: no coords dataset")
+            coords = np.asarray(h["coords"][()], np.int64).reshape(-1, 2)
+            attrs = {**dict(h.attrs), **dict(h["coords"].attrs)}
+    except OSError as exc:
+        raise ConfigError(f"{f}: unreadable coordinate file ({exc})") from exc
+    if "patch_level" not in attrs or "patch_size" not in attrs:
+        raise ConfigError(f"{f}: coords need the patch_level and patch_size attributes")
+    return coords, attrs
+
+
+def _name(attrs: dict[str, Any], f: Path) -> str:
+    name = attrs.get("name", f.stem)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def coords_groups(
+    path: str | os.PathLike[str],
+    options: SlideReadOptions | None = None,
+    region_patch: int = 0,
+    keep: Callable[[str], bool] | None = None,
+) -> list[PatchGroup]:
+    """One group per coordinate file, its refs produced from the slide: a
+    :class:`~pathflow.extract.sources.PatchGroup` of patches (``region_patch`` 0, the features
+    of ``pathflow extract`` on patch shards), else a
+    :class:`~pathflow.extract.sources.RegionGroup` of regions cut into ``region_patch`` px
+    sub-patches. ``keep(stem)`` selects files by stem (the slide id, ``--part``) before they
+    are opened."""
+    opts = options or SlideReadOptions()
     files = _coord_files(Path(path))
     if not files:
         raise ConfigError(f"{path}: no coordinate files (*.h5 with coords, or coords/*.h5)")
-    sdir = Path(slides) if slides else None
-    groups = []
+    sdir = Path(opts.slides) if opts.slides else None
+    groups: list[PatchGroup] = []
     for f in files:
-        try:
-            with h5py.File(f, "r") as h:
-                if "coords" not in h:
-                    raise ConfigError(f"{f}: no coords dataset")
-                coords = np.asarray(h["coords"][()], np.int64).reshape(-1, 2)
-                attrs = {**dict(h.attrs), **dict(h["coords"].attrs)}
-        except OSError as exc:
-            raise ConfigError(f"{f}: unreadable coordinate file ({exc})") from exc
-        if "patch_level" not in attrs or "patch_size" not in attrs:
-            raise ConfigError(f"{f}: coords need the patch_level and patch_size attributes")
+        if keep is not None and not keep(f.stem):
+            continue
+        coords, attrs = _read_coords(f)
         read_size = int(attrs["patch_size"])
-        region = int(attrs.get("target_patch_size", read_size))
-        if region % region_patch:
+        out_size = int(attrs.get("target_patch_size", read_size))
+        if region_patch and out_size % region_patch:
             raise ConfigError(
-                f"{f}: regions of {region} px are not a multiple of --region-patch {region_patch}"
+                f"{f}: regions of {out_size} px are not a multiple of --region-patch {region_patch}"
             )
-        name = str(attrs.get("name", f.stem))
-        if isinstance(attrs.get("name"), bytes):
-            name = attrs["name"].decode()
-        spec = RegionReadSpec(
+        spec = SlideReadSpec(
             slide=_find_slide(f.stem, sdir, attrs, f),
             read_level=int(attrs["patch_level"]),
             read_size=read_size,
-            region_size=region,
+            region_size=out_size,
             region_patch=region_patch,
-            quality=quality,
-            backend=backend,
+            quality=opts.quality,
+            backend=opts.backend,
+            format=opts.format,
+            transcode=opts.transcode,
+            threads=opts.threads,
         )
-        grid = region // region_patch
+        refs = SlidePatchRefs(spec, coords)
+        if not region_patch:
+            groups.append(
+                PatchGroup(_name(attrs, f), refs, coords, attrs=_patch_geometry(attrs))  # type: ignore[arg-type]
+            )
+            continue
+        grid = out_size // region_patch
         geometry: dict[str, Any] = {
-            "patch_size": region,
+            "patch_size": out_size,
             "patch_level": spec.read_level,
             "read_size": read_size,
             "grid": grid,
-            "region_size": region,
+            "region_size": out_size,
             "region_patch_size": region_patch,
         }
         for src, dst in (("target_mpp", "target_mpp"), ("mpp", "mpp"),
@@ -218,8 +278,8 @@ def coords_region_groups(
                 geometry[dst] = float(attrs[src]) if "mpp" in src else int(attrs[src])
         groups.append(
             RegionGroup(
-                name=name,
-                refs=SlideRegionRefs(spec, coords),  # type: ignore[arg-type]
+                name=_name(attrs, f),
+                refs=refs,  # type: ignore[arg-type]
                 coords=coords,
                 attrs=geometry,
                 grid=grid,
@@ -228,9 +288,41 @@ def coords_region_groups(
     return groups
 
 
+def _patch_geometry(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The features file's patch attributes, exactly as those of the same slide's shards
+    (:func:`pathflow.extract.sources._patch_attrs` of the sample JSON the tiler writes)."""
+    read_size = int(attrs["patch_size"])
+    mpp = float(attrs.get("mpp", 0.0))
+    return {
+        "patch_size": int(attrs.get("target_patch_size", read_size)),
+        "patch_size_level0": int(attrs.get("patch_size_level0", read_size)),
+        "patch_level": int(attrs["patch_level"]),
+        "read_size": read_size,
+        "target_mpp": float(attrs.get("target_mpp", mpp)),
+        "mpp": mpp,
+    }
+
+
+def coords_region_groups(
+    path: str | os.PathLike[str],
+    slides: str | os.PathLike[str] | None = None,
+    region_patch: int = 256,
+    quality: int = 90,
+    backend: str = "auto",
+) -> list[RegionGroup]:
+    """One :class:`RegionGroup` per coordinate file, its refs produced from the slide."""
+    opts = SlideReadOptions(slides=str(slides) if slides else None, quality=quality,
+                            backend=backend)  # fmt: skip
+    return [g for g in coords_groups(path, opts, region_patch) if isinstance(g, RegionGroup)]
+
+
 __all__ = [
     "RegionReadSpec",
+    "SlidePatchRefs",
+    "SlideReadOptions",
+    "SlideReadSpec",
     "SlideRegionRefs",
+    "coords_groups",
     "coords_region_groups",
     "is_coords_folder",
 ]

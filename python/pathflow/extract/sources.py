@@ -5,6 +5,9 @@
   DALI index next to each shard (``v1.2 N`` header, then ``ext offset size name`` groups per
   sample; a tar scan when there is none), grouped by slide, coordinates from the key
   ``<slide key>_<x>_<y>`` (the sample's JSON when the key does not tell).
+* Coordinate files + slides (a tile output folder without ``shards/``, its ``coords/``,
+  CLAM's ``patches/*.h5``): patches read from the slides and encoded as the tiler does
+  (:mod:`pathflow.extract.slide_regions`).
 * ImageFolder-style folders: ``root/<group>/<image>.{jpg,png,tif,...}`` gives one group per
   sub-folder (images directly in ``root`` form a group named after ``root``); coordinates
   are parsed from names ending in ``<x>_<y>`` (else -1).
@@ -25,15 +28,21 @@ import re
 import tarfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from pathflow.exceptions import ConfigError, PathflowError
 
+if TYPE_CHECKING:
+    from pathflow.extract.slide_regions import SlideReadOptions
+
+#: ``kind`` of coordinate-file inputs (:func:`discover`).
+COORDS_KIND = "coordinates + slides"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _XY = re.compile(r"(\d+)[_-](\d+)$")
 
@@ -116,15 +125,30 @@ class ByteReader:
         self.close()
 
 
-def discover(path: str | os.PathLike[str]) -> tuple[str, list[PatchGroup]]:
-    """``("shards", groups)`` or ``("images", groups)`` for a shards or image folder."""
+def discover(
+    path: str | os.PathLike[str],
+    read: SlideReadOptions | None = None,
+    keep: Callable[[str], bool] | None = None,
+) -> tuple[str, list[PatchGroup]]:
+    """``(kind, groups)`` of a shards folder (or a tile output folder holding ``shards/``),
+    coordinate files + slides (a tile output folder without shards, its ``coords/``, CLAM's
+    ``patches/``; read as ``read`` says) or an image folder. ``keep(slide id)`` selects the
+    coordinate files to open (``--part``; other inputs are filtered by the caller)."""
+    from pathflow.extract.slide_regions import coords_groups, is_coords_folder
+
     p = Path(path)
+    if p.is_file() and p.suffix == ".h5" and is_coords_folder(p):
+        return COORDS_KIND, coords_groups(p, read, 0, keep)
     if not p.is_dir():
-        raise ConfigError(f"{p}: not a folder (expected shards or an image folder)")
+        raise ConfigError(
+            f"{p}: not a folder (expected shards, coordinate files or an image folder)"
+        )
     if (p / "shards.json").is_file() or any(p.glob("*.tar")):
         return "shards", shard_groups(p)
     if (p / "shards" / "shards.json").is_file():
         return "shards", shard_groups(p / "shards")
+    if is_coords_folder(p):
+        return COORDS_KIND, coords_groups(p, read, 0, keep)
     return "images", image_folder_groups(p)
 
 
@@ -427,11 +451,14 @@ def discover_regions(
     path: str | os.PathLike[str],
     slides: str | os.PathLike[str] | None = None,
     region_patch: int = 256,
+    read: SlideReadOptions | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> tuple[str, list[RegionGroup]]:
     """``(kind, groups)``: region groups of region shards (a shards folder or the tile output
     folder holding ``shards/``), else of region coordinate files + slides
-    (:mod:`pathflow.extract.slide_regions`)."""
-    from pathflow.extract.slide_regions import coords_region_groups, is_coords_folder
+    (:mod:`pathflow.extract.slide_regions`; ``read`` replaces ``slides``, ``keep`` as for
+    :func:`discover`)."""
+    from pathflow.extract.slide_regions import SlideReadOptions, coords_groups, is_coords_folder
 
     p = Path(path)
     if p.is_dir() and ((p / "shards.json").is_file() or any(p.glob("*.tar"))):
@@ -439,7 +466,9 @@ def discover_regions(
     if p.is_dir() and (p / "shards" / "shards.json").is_file():
         return "region shards", region_shard_groups(p / "shards")
     if p.exists() and is_coords_folder(p):
-        return "coordinates + slides", coords_region_groups(p, slides, region_patch)
+        opts = read or SlideReadOptions(slides=str(slides) if slides else None)
+        groups = coords_groups(p, opts, region_patch, keep)
+        return COORDS_KIND, [g for g in groups if isinstance(g, RegionGroup)]
     raise ConfigError(
         f"{p}: no region shards or coordinate files (run pathflow tile --region 4096 "
         "[--shards --region-patches])"

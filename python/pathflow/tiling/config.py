@@ -82,12 +82,18 @@ class TileConfig(YamlConfig):
     region: int | None = None
     region_patch: int = 256
     region_patches: bool = False
+    shard_mpps: list[float] = field(default_factory=list)  # finest first; [] = one resolution
     # run
     overlay: bool = True
     thumbnail_size: int = 2048
     workers: int = 0
     threads: int = 0
     overwrite: bool = False
+    # many jobs on one job folder (pathflow.jobs)
+    part: str | None = None  # "I/N" or "auto" (job array index); None = the whole cohort
+    executor: str = "local"  # local | dask
+    scheduler: str | None = None  # dask scheduler address tcp://HOST:PORT
+    scheduler_file: str | None = None  # dask scheduler file
     _explicit: set[str] = field(default_factory=set, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------------
@@ -105,6 +111,16 @@ class TileConfig(YamlConfig):
                 setattr(out, name, tissue[name])
             elif name in grid:
                 setattr(out, name, grid[name])
+        if out.shard_mpps:  # multi-magnification samples: the grid is laid at the finest
+            first = float(out.shard_mpps[0])
+            if "mpp" in self._explicit and out.mpp is not None and abs(out.mpp - first) > 1e-9:
+                raise ConfigError(
+                    f"--mpp {out.mpp:g} differs from the finest --shard-mpps {first:g} "
+                    "(the grid is laid at the first shard mpp; drop --mpp)"
+                )
+            out.mpp = first
+            if out.region is not None and len(out.shard_mpps) > 1:
+                raise ConfigError("--shard-mpps cannot be combined with --region")
         if out.a_t is not None:
             out.a_t = float(out.a_t)
         if out.a_h is not None:
@@ -122,6 +138,12 @@ class TileConfig(YamlConfig):
             raise ConfigError(
                 f"--region {out.region} is not a multiple of --region-patch {out.region_patch}"
             )
+        if out.executor not in ("local", "dask"):
+            raise ConfigError(f"--executor must be local or dask, got {out.executor!r}")
+        if out.part is not None and out.part.strip().lower() != "auto":
+            from pathflow.jobs.partition import parse_part
+
+            parse_part(out.part)
         if out.workers < 0 or out.threads < 0:
             raise ConfigError("workers and threads must be >= 0 (0 = automatic)")
         if out.slide_mpp is not None and not 0.05 <= out.slide_mpp <= 20:
@@ -175,6 +197,7 @@ class TileConfig(YamlConfig):
             sub_size=self.region_patch if (self.region and self.region_patches) else 0,
             backend=self.backend,
             threads=self.threads,
+            mpps=[float(m) for m in self.shard_mpps],
         )
 
     # ----------------------------------------------------------------------------------

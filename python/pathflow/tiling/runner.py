@@ -1,42 +1,72 @@
-"""Batch driver of ``pathflow tile``: many slides, parallel processes, resumable.
+"""Batch driver of ``pathflow tile``: many slides, parallel processes, resumable, and many
+cooperating jobs on one shared job folder.
 
 Per slide (in a worker process): open -> resolve mpp -> tissue mask (or the user's mask)
 -> patch grid -> ``masks/<id>.png``, ``overlays/<id>.jpg`` and finally
 ``coords/<id>.h5``. The coordinate file is written last and atomically, so its presence
-marks a finished slide: a re-run skips it. A failing slide becomes a ``failed`` row in
-``manifest.csv`` (and a line on stderr) and the batch goes on.
+marks a finished slide: a re-run skips it. A failing slide becomes a ``failed`` row in the
+manifest (and a line on stderr) and the batch goes on.
+
+Each finished slide appends one JSON line to ``manifests/part-IIII-of-NNNN.jsonl``
+(``part-0000-of-0001`` for a run without ``--part``); a run without ``--part`` writes
+``manifest.csv`` once at the end. With ``--part I/N`` (or ``auto``: the job array index) the
+run tiles only the slides whose id hashes to part I, claims each slide with a lock file in
+``claims/`` (so a duplicate job or a re-run of a killed one does not redo work in flight),
+writes its shards to ``shards/part-IIII/`` and marks the part finished with
+``manifests/part-IIII-of-NNNN.done``; ``pathflow merge`` then writes ``manifest.csv`` and
+``shards/shards.json`` of the whole job.
+
+Example:
+    >>> from pathflow.tiling.config import TileConfig
+    >>> from pathflow.tiling.runner import tile_slides
+    >>> cfg = TileConfig(inputs=["slides/"], out="job", part="0/4").resolve()  # doctest: +SKIP
+    >>> tile_slides(cfg).summary()  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 import sys
 import time
-import traceback
-from collections.abc import Iterable
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pathflow.exceptions import ConfigError
+from pathflow.jobs.claims import DEFAULT_HEARTBEAT, DEFAULT_STALE, Claim, try_claim
+from pathflow.jobs.manifest import ManifestLog, manifest_path, write_done, write_manifest_csv
+from pathflow.jobs.partition import format_part, parse_part, part_of
 from pathflow.tiling.config import TileConfig
+from pathflow.tiling.slide_task import MANIFEST_FIELDS, process_slide
 
 log = logging.getLogger("pathflow.tile")
+
+__all__ = [
+    "JOB_FIELDS",
+    "MANIFEST_FIELDS",
+    "TileReport",
+    "check_job_config",
+    "discover",
+    "discover_inputs",
+    "process_slide",
+    "slide_id",
+    "tile_slides",
+]
+
+#: Config fields that may differ between the jobs sharing a job folder (how a job runs, not
+#: what it writes).
+JOB_FIELDS = frozenset(
+    {"part", "executor", "scheduler", "scheduler_file", "workers", "threads", "overwrite", "out"}
+)
 
 SLIDE_EXTENSIONS = (
     ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".svslide", ".bif",
     ".jpg", ".jpeg", ".png", ".bmp",
 )  # fmt: skip
-
-MANIFEST_FIELDS = [
-    "slide", "path", "status", "patches", "mpp", "target_mpp", "patch_level", "patch_size",
-    "patch_size_level0", "seg_level", "tissue_mm2", "seconds", "resumed", "shard_samples",
-    "error",
-]  # fmt: skip
 
 
 @dataclass
@@ -82,8 +112,13 @@ def slide_id(path: Path) -> str:
     return path.stem
 
 
-def discover(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
-    """Expand files and folders into slide paths (folders: known extensions, sorted).
+def discover_inputs(
+    inputs: Iterable[str | os.PathLike[str]], recursive: bool = False
+) -> tuple[list[Path], list[tuple[Path, Path]]]:
+    """Expand files and folders into slide paths (folders: known extensions, sorted) and
+    the duplicates dropped: (kept path, dropped path) pairs naming one file twice (a symlink,
+    a hard link, ``./a.svs`` and ``a.svs``...). The first path is kept, or the real file
+    rather than a symlink to it (its name is the slide id).
 
     Paths that do not exist are kept, so they are reported as failed slides.
     """
@@ -97,172 +132,74 @@ def discover(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) 
             )
         else:
             out.append(p)
-    seen: set[Path] = set()
-    unique = []
+    seen: dict[Any, Path] = {}
+    unique: list[Path] = []
+    dups: list[tuple[Path, Path]] = []
     for p in out:
-        key = p.resolve() if p.exists() else p
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique
+        try:
+            st = p.stat()
+            key: Any = (st.st_dev, st.st_ino)
+        except OSError:
+            key = os.path.abspath(p)
+        if key in seen:
+            first = seen[key]
+            if first.is_symlink() and not p.is_symlink():  # keep the real file's name
+                unique[unique.index(first)] = seen[key] = p
+                p, first = first, p
+            dups.append((first, p))
+            continue
+        seen[key] = p
+        unique.append(p)
+    return unique, dups
 
 
-def _one_line(exc: BaseException, path: Path) -> str:
-    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in str(exc):
-        msg = f"{exc.filename}: file not found"
-    else:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if str(path) not in msg and path.name not in msg:
-        msg = f"{path}: {msg}"
-    return msg.replace("\n", " ")
+def discover(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
+    """Expand files and folders into slide paths, each file once (see
+    :func:`discover_inputs`, which also returns the duplicates)."""
+    return discover_inputs(inputs, recursive)[0]
 
 
-def _find_user_mask(mask: str | None, sid: str) -> Path | None:
-    if not mask:
-        return None
-    p = Path(mask)
-    if p.is_dir():
-        for ext in (".geojson", ".json", ".png"):
-            cand = p / f"{sid}{ext}"
-            if cand.is_file():
-                return cand
-        return None
-    return p
-
-
-def _mpp_override(cfg: TileConfig, path: Path, table: dict[str, float] | None) -> float | None:
-    if table is not None:
-        from pathflow.slide import lookup_mpp
-
-        found = lookup_mpp(table, path)
-        if found is not None:
-            return found
-    return cfg.slide_mpp
-
-
-def process_slide(path: Path, sid: str, cfg: TileConfig) -> dict[str, Any]:
-    """Tile one slide; never raises: failures are returned as a ``failed`` row."""
-    t0 = time.perf_counter()
-    out = Path(cfg.out)
+def _failed_row(path: Path, sid: str, error: str) -> dict[str, Any]:
     row: dict[str, Any] = {k: "" for k in MANIFEST_FIELDS}
     row.update(slide=sid, path=str(path), status="failed", patches=0, resumed=False)
-    coords_path = out / "coords" / f"{sid}.h5"
+    row["error"] = error if str(path) in error else f"{path}: {error}"
+    return row
+
+
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
+    import yaml
+
+    plain = yaml.safe_load(yaml.safe_dump(d))
+    if isinstance(plain.get("inputs"), list):  # "slides/" and "slides" are one folder
+        plain["inputs"] = [os.path.normpath(str(p)) for p in plain["inputs"]]
+    return {k: v for k, v in plain.items() if k not in JOB_FIELDS}
+
+
+def check_job_config(out: Path, cfg: TileConfig) -> None:
+    """A job array part joins ``out`` only if its ``config.yaml`` equals ``cfg`` in every
+    field but :data:`JOB_FIELDS`; writes it when absent. Raises a one-line ConfigError."""
+    import yaml
+
+    path = out / "config.yaml"
+    mine = cfg.to_dict()
+    if not path.is_file():
+        cfg.save(path)
+        return
     try:
-        if coords_path.exists() and not cfg.overwrite:
-            return _resumed_row(row, coords_path)
-        row.update(_tile_one(path, sid, cfg, out))
-    except Exception as exc:  # one bad slide must never stop the batch
-        row["error"] = _one_line(exc, path)
-        log.debug("slide %s failed:\n%s", path, traceback.format_exc())
-    row["seconds"] = round(time.perf_counter() - t0, 3)
-    return row
-
-
-def _resumed_row(row: dict[str, Any], coords_path: Path) -> dict[str, Any]:
-    from pathflow.outputs import read_coords_h5
-
-    coords, attrs = read_coords_h5(coords_path)
-    row.update(
-        status="ok" if len(coords) else "no_tissue",
-        patches=len(coords),
-        mpp=attrs.get("mpp", ""),
-        target_mpp=attrs.get("target_mpp", ""),
-        patch_level=attrs.get("patch_level", ""),
-        patch_size=attrs.get("patch_size", ""),
-        patch_size_level0=attrs.get("patch_size_level0", ""),
-        seg_level=attrs.get("seg_level", ""),
-        tissue_mm2=attrs.get("tissue_mm2", ""),
-        resumed=True,
-        seconds=0.0,
-    )
-    return row
-
-
-def _tile_one(path: Path, sid: str, cfg: TileConfig, out: Path) -> dict[str, Any]:
-    from pathflow.grid import patch_grid
-    from pathflow.outputs import write_coords_h5, write_mask_png, write_overlay
-    from pathflow.slide import load_mpp_csv, open_slide, resolve_mpp
-    from pathflow.tissue import mask_from_geojson, mask_from_png, segment_tissue
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: file not found")
-    table = load_mpp_csv(cfg.slide_mpp_csv) if cfg.slide_mpp_csv else None
-    override = _mpp_override(cfg, path, table)
-    tparams = cfg.tissue_params()
-    gparams = cfg.grid_params()
-    with open_slide(path, backend=cfg.backend) as slide:
-        mpp = resolve_mpp(slide, override)
-        user_mask = _find_user_mask(cfg.mask, sid)
-        if cfg.mask and user_mask is None:
-            raise FileNotFoundError(f"{path}: no mask {sid}.png/.geojson in {cfg.mask}")
-        if user_mask is None:
-            seg = segment_tissue(slide, tparams, mpp)
-        elif user_mask.suffix.lower() in (".geojson", ".json"):
-            seg = mask_from_geojson(user_mask, slide, mask_mpp=tparams.seg_mpp or 4.0, mpp=mpp)
-        else:
-            seg = mask_from_png(user_mask, slide, tparams, mpp)
-        grid = patch_grid(slide, seg, gparams, mpp)
-        tissue_mm2 = seg.tissue_area_mm2(mpp)
-        write_mask_png(out / "masks" / f"{sid}.png", seg.mask)
-        if cfg.overlay:
-            thumb = slide.thumbnail(cfg.thumbnail_size)
-            import numpy as np
-
-            write_overlay(
-                out / "overlays" / f"{sid}.jpg", np.asarray(thumb), slide.dimensions, seg, grid
-            )
-        level = grid.read_level
-        write_coords_h5(
-            out / "coords" / f"{sid}.h5",
-            name=sid,
-            grid=grid,
-            level_dim=slide.level_dimensions[level],
-            downsample=slide.level_downsample_xy(level),
-            extra_attrs={
-                "mpp": float(mpp),
-                "file_mpp": float(slide.file_mpp) if slide.file_mpp else float("nan"),
-                "slide_path": str(path),
-                "backend": slide.backend,
-                "preset": cfg.preset,
-                "contour_fn": gparams.contour_fn,
-                "layout": gparams.layout,
-                "seg_level": int(seg.seg_level),
-                "mask_source": seg.source,
-                "tissue_mm2": float(tissue_mm2),
-                "level0_dim": list(slide.dimensions),
-                "pathflow_version": _version(),
-            },
+        theirs = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: unreadable ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(theirs, dict):
+        raise ConfigError(f"{path}: not a pathflow tile config")
+    a, b = _comparable(theirs), _comparable(mine)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} here" for k in diff[:4])
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise ConfigError(
+            f"{path}: this job folder was made with other options ({shown}{more}); "
+            "use the same options or another --out"
         )
-    status = "ok" if len(grid) else "no_tissue"
-    return {
-        "status": status,
-        "patches": len(grid),
-        "mpp": round(float(mpp), 6),
-        "target_mpp": grid.target_mpp,
-        "patch_level": level,
-        "patch_size": grid.read_size,
-        "patch_size_level0": grid.patch_size_level0,
-        "seg_level": seg.seg_level,
-        "tissue_mm2": round(tissue_mm2, 4),
-    }
-
-
-def _version() -> str:
-    from pathflow import __version__
-
-    return __version__
-
-
-def _write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
-    from pathflow.outputs import atomic_path
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    with atomic_path(path) as tmp:
-        tmp.write_text(buf.getvalue())
 
 
 def _init_worker(threads: int) -> None:
@@ -279,6 +216,79 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds") from None
+
+
+class _Feeder:
+    """Hands out the slides of a run one at a time. With claims (job array parts), a slide
+    held by another live job is deferred and offered again later (by then usually finished:
+    its coords file exists and the slide comes back as a quick ``resumed`` row), so a part
+    ends only when every one of its slides has a row."""
+
+    def __init__(self, jobs: list[tuple[int, Path, str]], out: Path, cfg: TileConfig,
+                 claims: bool) -> None:  # fmt: skip
+        self.pending = list(jobs)
+        self.deferred: list[tuple[int, Path, str]] = []
+        self.out = out
+        self.cfg = cfg
+        self.claims = claims
+        self.held: dict[int, Claim] = {}
+        self.stale = _env_float("PATHFLOW_CLAIM_STALE", DEFAULT_STALE)
+        self.beat = _env_float("PATHFLOW_CLAIM_HEARTBEAT", DEFAULT_HEARTBEAT)
+        self.delay = 0.5
+        self.next_round = 0.0
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.pending and not self.deferred
+
+    def pause(self) -> float:
+        return max(0.05, self.next_round - time.monotonic()) if self.deferred else 0.0
+
+    def take(self) -> tuple[int, Path, str] | None:
+        """The next slide to process now, or None (none left, or all deferred for now)."""
+        while True:
+            if not self.pending:
+                if not self.deferred or time.monotonic() < self.next_round:
+                    return None
+                self.pending, self.deferred = self.deferred, []
+            job = self.pending.pop(0)
+            if not self.claims:
+                return job
+            i, _, sid = job
+            if not self.cfg.overwrite and (self.out / "coords" / f"{sid}.h5").exists():
+                return job  # finished (by anyone): a resumed row, no claim needed
+            claim = try_claim(self.out / "claims", sid, stale_after=self.stale, heartbeat=self.beat)
+            if claim is None:
+                self.deferred.append(job)
+                if not self.pending:
+                    self.next_round = time.monotonic() + self.delay
+                    self.delay = min(self.delay * 2, 30.0)
+                continue
+            if claim.took_over is not None:
+                t = claim.took_over
+                log.warning("%s: took over the stale claim of %s (pid %s, %s)", sid, t.host,
+                            t.pid, t.job)  # fmt: skip
+            self.held[i] = claim
+            return job
+
+    def release(self, i: int) -> None:
+        c = self.held.pop(i, None)
+        if c is not None:
+            c.release()
+
+    def release_all(self) -> None:
+        for i in list(self.held):
+            self.release(i)
+
+
 def tile_slides(cfg: TileConfig, progress: bool | None = None) -> TileReport:
     """Run ``pathflow tile`` for a resolved config; returns the report (never raises for
     a bad slide; configuration errors do raise)."""
@@ -286,14 +296,24 @@ def tile_slides(cfg: TileConfig, progress: bool | None = None) -> TileReport:
 
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    part = parse_part(cfg.part) if cfg.part else None
     out.mkdir(parents=True, exist_ok=True)
-    paths = discover(cfg.inputs, cfg.recursive)
+    if part is not None:
+        check_job_config(out, cfg)  # before any output: one line and no work when refused
+    paths, dups = discover_inputs(cfg.inputs, cfg.recursive)
+    for kept, dropped in dups:
+        print(
+            f"pathflow tile: warning: {dropped} and {kept} are the same file; tiled once "
+            f"as {slide_id(kept)!r}",
+            file=sys.stderr,
+        )
     paths += [sample_slide(name) for name in cfg.sample]
-    cfg.save(out / "config.yaml")
+    if part is None:
+        cfg.save(out / "config.yaml")
     report = TileReport(out=out)
-    if not paths:
+    if not paths and part is None:
+        write_manifest_csv(out / "manifest.csv", [], MANIFEST_FIELDS)
         report.seconds = time.perf_counter() - t0
-        _write_manifest(out / "manifest.csv", [])
         return report
 
     # Slide ids must be unique: a second slide with the same id fails instead of overwriting.
@@ -302,59 +322,151 @@ def tile_slides(cfg: TileConfig, progress: bool | None = None) -> TileReport:
     owner: dict[str, Path] = {}
     for i, p in enumerate(paths):
         sid = slide_id(p)
+        if part is not None and part_of(sid, part[1]) != part[0]:
+            continue
         if sid in owner:
-            row: dict[str, Any] = {k: "" for k in MANIFEST_FIELDS}
-            row.update(slide=sid, path=str(p), status="failed", patches=0, resumed=False)
-            row["error"] = f"{p}: duplicate slide id {sid!r} (also {owner[sid]})"
-            rows[i] = row
+            rows[i] = _failed_row(p, sid, f"{p}: duplicate slide id {sid!r} (also {owner[sid]})")
             continue
         owner[sid] = p
         jobs.append((i, p, sid))
 
-    cpus = _cpu_count()
-    workers = cfg.workers or min(len(jobs), cpus, 8)
-    threads = cfg.threads or max(1, cpus // max(1, workers))
+    mlog = ManifestLog(manifest_path(out, part or (0, 1)))
+    try:
+        for i in sorted(rows):
+            mlog.append({**rows[i], "stage": "tile"})
+        _run_slides(cfg, out, jobs, rows, mlog, part, progress, len(rows))
+        report.rows = [rows[k] for k in sorted(rows)]
+        if cfg.shards:
+            _shards_phase(cfg, report, progress, part)
+            for r in report.rows:
+                mlog.append({**r, "stage": "shards"})
+    finally:
+        mlog.close()
+    if part is None:
+        write_manifest_csv(out / "manifest.csv", report.rows, MANIFEST_FIELDS)
+    from pathflow.jobs.claims import job_id
+
+    whole = part or (0, 1)
+    write_done(out, whole, {
+        "part": list(whole),
+        "slides": [r["slide"] for r in report.rows],
+        "status": _counts(report.rows),
+        "shards": bool(cfg.shards),
+        "job": job_id(),
+        "finished": time.time(),
+    })  # fmt: skip
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    by: dict[str, int] = {}
+    for r in rows:
+        by[r["status"]] = by.get(r["status"], 0) + 1
+    return by
+
+
+def _run_slides(
+    cfg: TileConfig,
+    out: Path,
+    jobs: list[tuple[int, Path, str]],
+    rows: dict[int, dict[str, Any]],
+    mlog: ManifestLog,
+    part: tuple[int, int] | None,
+    progress: bool | None,
+    done_before: int,
+) -> None:
+    """Process ``jobs`` (locally or on Dask), filling ``rows`` and the JSONL manifest."""
     from tqdm.auto import tqdm
 
+    cpus = _cpu_count()
+    workers = cfg.workers or default_workers(len(jobs), cpus)
+    threads = cfg.threads or max(1, cpus // max(1, workers))
     bar = tqdm(
-        total=len(paths),
-        desc="pathflow tile",
+        total=len(jobs) + done_before,
+        desc="pathflow tile" + (f" {format_part(part)}" if part else ""),
         unit="slide",
         disable=(not progress) if progress is not None else None,
         file=sys.stderr,
     )
-    bar.update(len(rows))
+    bar.update(done_before)
+    feeder = _Feeder(jobs, out, cfg, claims=part is not None)
 
     def finish(i: int, row: dict[str, Any]) -> None:
         rows[i] = row
+        mlog.append({**row, "stage": "tile"})
+        feeder.release(i)
         if row["status"] == "failed":
             bar.write(f"pathflow tile: FAILED {row['error']}", file=sys.stderr)
         elif row["status"] == "no_tissue" and not row.get("resumed"):
             bar.write(f"pathflow tile: warning: {row['path']}: no tissue found", file=sys.stderr)
         bar.update(1)
         bar.set_postfix_str(row["slide"][:30])
-        _write_manifest(out / "manifest.csv", [rows[k] for k in sorted(rows)])
 
-    if workers <= 1:
-        _init_worker(threads)
-        for i, p, sid in jobs:
-            finish(i, process_slide(p, sid, cfg))
-    else:
-        _run_pool(jobs, cfg, workers, threads, finish)
-    bar.close()
-    report.rows = [rows[k] for k in sorted(rows)]
-    _write_manifest(out / "manifest.csv", report.rows)
-    if cfg.shards:
-        _shards_phase(cfg, report, progress)
-        _write_manifest(out / "manifest.csv", report.rows)
-    report.seconds = time.perf_counter() - t0
-    return report
+    try:
+        if cfg.executor == "dask":
+            _run_dask(cfg, feeder, finish)
+        if workers <= 1 or cfg.executor == "dask":
+            _init_worker(threads)
+            _run_serial(cfg, feeder, finish)
+        else:
+            _run_pool(cfg, feeder, workers, threads, finish)
+    finally:
+        feeder.release_all()
+        bar.close()
 
 
-def _shards_phase(cfg: TileConfig, report: TileReport, progress: bool | None) -> None:
+def _run_serial(
+    cfg: TileConfig, feeder: _Feeder, finish: Callable[[int, dict[str, Any]], None]
+) -> None:
+    while not feeder.exhausted:
+        job = feeder.take()
+        if job is None:
+            time.sleep(feeder.pause())
+            continue
+        i, p, sid = job
+        finish(i, process_slide(p, sid, cfg))
+
+
+def _run_dask(
+    cfg: TileConfig, feeder: _Feeder, finish: Callable[[int, dict[str, Any]], None]
+) -> None:
+    """One Dask task per slide for every slide claimable now; slides held by other jobs are
+    left in ``feeder`` (the caller waits for them locally: they are mostly resumed rows)."""
+    from pathflow.jobs.dask_executor import run_slide_tasks
+
+    batch = []
+    while (job := feeder.take()) is not None:
+        batch.append(job)
+    run_slide_tasks(
+        process_slide, batch, (cfg,), finish, _failed_row,
+        scheduler=cfg.scheduler, scheduler_file=cfg.scheduler_file,
+        workers=cfg.workers or None, threads=cfg.threads or None,
+    )  # fmt: skip
+
+
+def _shards_phase(
+    cfg: TileConfig, report: TileReport, progress: bool | None, part: tuple[int, int] | None
+) -> None:
     from pathflow.tiling.shards import write_shards
 
-    res = write_shards(Path(cfg.out), report.rows, cfg.shard_params(), cfg.overwrite, progress)
+    out = Path(cfg.out)
+    sdir = None if part is None else out / "shards" / f"part-{part[0]:04d}"
+    claim = None
+    if part is not None:  # one writer per shard folder (a duplicate job waits for it)
+        stale = _env_float("PATHFLOW_CLAIM_STALE", DEFAULT_STALE)
+        beat = _env_float("PATHFLOW_CLAIM_HEARTBEAT", DEFAULT_HEARTBEAT)
+        delay = 0.5
+        name = f"shards-{format_part(part)}"
+        while (claim := try_claim(out / "claims", name, stale_after=stale, heartbeat=beat)) is None:
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    try:
+        res = write_shards(out, report.rows, cfg.shard_params(), cfg.overwrite, progress,
+                           shards_dir=sdir)  # fmt: skip
+    finally:
+        if claim is not None:
+            claim.release()
     report.shards = res
     for r in report.rows:
         if r["status"] == "ok":
@@ -366,41 +478,87 @@ def _shards_phase(cfg: TileConfig, report: TileReport, progress: bool | None) ->
                 print(f"pathflow tile: FAILED {r['error']}", file=sys.stderr)
 
 
+def _crash_row(p: Path, sid: str) -> dict[str, Any]:
+    return _failed_row(p, sid, f"{p}: the slide reader crashed the worker process")
+
+
+#: Below this many slides ``pathflow tile`` runs in one process by default: a worker process
+#: costs more to start (imports, ~0.6 s CPU) than a slide costs to tile (~0.1 s for a 32k x 32k
+#: slide with the clam preset), measured on 2 cores (benches/test_bench_tile.py).
+POOL_MIN_SLIDES = 16
+
+#: Imported once by the forkserver, so that worker processes start without re-importing them.
+_PRELOAD = [
+    "numpy", "h5py", "PIL.Image", "tiffslide", "openslide", "pathflow._core", "pathflow.slide",
+    "pathflow.tissue", "pathflow.grid", "pathflow.outputs", "pathflow.tiling.slide_task",
+]  # fmt: skip
+
+
+def default_workers(num_slides: int, cpus: int) -> int:
+    """``--workers`` when not given: one process for small batches, else one per core (<= 8)."""
+    if num_slides < POOL_MIN_SLIDES:
+        return 1
+    return max(1, min(num_slides, cpus, 8))
+
+
+def _pool_context() -> Any:
+    """Worker processes from a forkserver that has the heavy modules imported (Linux), else
+    ``spawn``: never a plain fork of a parent holding threads and native readers."""
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        return ctx
+    return mp.get_context("spawn")
+
+
 def _run_pool(
-    jobs: list[tuple[int, Path, str]],
     cfg: TileConfig,
+    feeder: _Feeder,
     workers: int,
     threads: int,
-    finish: Any,
+    finish: Callable[[int, dict[str, Any]], None],
 ) -> None:
     """Process pool that survives a worker crash (a native reader segfaulting on one slide):
-    slides caught in a broken pool are re-run one per process, so only the culprit fails."""
-    import multiprocessing as mp
-    from concurrent.futures import as_completed
-
-    ctx = mp.get_context("spawn")
-    crashed: list[tuple[int, Path, str]] = []
-    with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
-    ) as ex:
-        futs: dict[Future[dict[str, Any]], tuple[int, Path, str]] = {
-            ex.submit(process_slide, p, sid, cfg): (i, p, sid) for i, p, sid in jobs
-        }
-        for fut in as_completed(futs):
-            try:
-                row = fut.result()
-            except BrokenProcessPool:
-                crashed.append(futs[fut])
-                continue
-            finish(futs[fut][0], row)
-    for i, p, sid in sorted(crashed):
+    slides caught in a broken pool are re-run one per process, so only the culprit fails.
+    At most ``2 * workers`` slides are in flight (and claimed) at a time."""
+    ctx = _pool_context()
+    while not feeder.exhausted:
+        crashed: list[tuple[int, Path, str]] = []
         with ProcessPoolExecutor(
-            1, mp_context=ctx, initializer=_init_worker, initargs=(threads * workers,)
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
         ) as ex:
-            try:
-                row = ex.submit(process_slide, p, sid, cfg).result()
-            except BrokenProcessPool:
-                row = {k: "" for k in MANIFEST_FIELDS}
-                row.update(slide=sid, path=str(p), status="failed", patches=0, resumed=False)
-                row["error"] = f"{p}: the slide reader crashed the worker process"
-        finish(i, row)
+            futs: dict[Future[dict[str, Any]], tuple[int, Path, str]] = {}
+            broken = False
+            while True:
+                while not broken and len(futs) < 2 * workers:
+                    job = feeder.take()
+                    if job is None:
+                        break
+                    futs[ex.submit(process_slide, job[1], job[2], cfg)] = job
+                if not futs:
+                    if feeder.exhausted or broken:
+                        break
+                    time.sleep(feeder.pause())
+                    continue
+                timeout = feeder.pause() if feeder.deferred else None
+                done, _ = wait(futs, timeout=timeout, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job = futs.pop(fut)
+                    try:
+                        row = fut.result()
+                    except BrokenProcessPool:
+                        crashed.append(job)
+                        broken = True
+                        continue
+                    finish(job[0], row)
+        for i, p, sid in sorted(crashed):
+            with ProcessPoolExecutor(
+                1, mp_context=ctx, initializer=_init_worker, initargs=(threads * workers,)
+            ) as ex:
+                try:
+                    row = ex.submit(process_slide, p, sid, cfg).result()
+                except BrokenProcessPool:
+                    row = _crash_row(p, sid)
+            finish(i, row)

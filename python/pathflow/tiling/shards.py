@@ -14,6 +14,22 @@ Each sample: ``<key>.jpg`` (or ``.png``/``.webp``) and ``<key>.json`` (slide id,
 ``x``/``y``, level read, mpp, sizes, tissue fraction); keys are dot-free
 (``<slide key>_<x>_<y>``, the real slide id is in the JSON). In region mode the sample also
 holds ``p000.jpg``... its grid of sub-patches, with their coordinates in the JSON.
+
+Multi-magnification samples (``ShardParams.mpps``, ``pathflow tile --shards --shard-mpps
+0.5,1,2``): the grid is laid at the first (finest) mpp and each sample keeps its usual
+``<key>.jpg``; every coarser mpp ``m`` adds ``<key>.mpp<m:g>.jpg`` (``mpp1.jpg``,
+``mpp2.jpg``, ``mpp0.25.jpg``...), the same pixel size, centred on the same level-0 point.
+Each coarser entry is exactly what a single-resolution run at ``m`` writes for the level-0
+top-left corner ``x + (S0 - Sm) // 2`` (``S`` the level-0 footprint ``round(patch * m /
+slide mpp)``): read from the coarsest level at least as fine as ``m``, resampled and encoded
+the same way, white past the slide edge (as OpenSlide composites). The JSON gains ``mpps``,
+``scale_exts`` (the entry names, finest first), ``scale_levels`` and ``scale_boxes``
+(level-0 ``[x, y, side]`` of each entry).
+
+Example:
+    >>> params = ShardParams(mpps=[0.5, 1.0, 2.0])
+    >>> scale_exts(params)
+    ['jpg', 'mpp1.jpg', 'mpp2.jpg']
 """
 
 from __future__ import annotations
@@ -49,6 +65,11 @@ class ShardParams:
     sub_size: int = 0
     backend: str = "auto"
     threads: int = 0
+    mpps: list[float] = field(default_factory=list)  # > 1 entry: multi-magnification samples
+
+    @property
+    def multiscale(self) -> bool:
+        return len(self.mpps) > 1
 
     def validate(self) -> None:
         if self.format not in ("jpg", "png", "webp"):
@@ -59,6 +80,53 @@ class ShardParams:
             raise InvalidArgumentError("transcode must be auto, always or never")
         if self.max_samples < 1 or self.max_mb <= 0:
             raise InvalidArgumentError("shard limits must be positive")
+        if self.mpps:
+            if any(not 0.05 <= m <= 100 for m in self.mpps):
+                raise InvalidArgumentError(f"shard mpps must be in 0.05..100, got {self.mpps}")
+            if any(b <= a for a, b in zip(self.mpps, self.mpps[1:], strict=False)):
+                raise InvalidArgumentError(
+                    f"shard mpps must be strictly increasing (finest first), got {self.mpps}"
+                )
+            if len({f"{m:g}" for m in self.mpps}) != len(self.mpps):
+                raise InvalidArgumentError(f"shard mpps {self.mpps} give duplicate names")
+            if self.multiscale and self.sub_size:
+                raise InvalidArgumentError("multi-magnification samples need patches, not regions")
+
+
+def scale_exts(params: ShardParams) -> list[str]:
+    """Entry names of a sample's resolutions, finest first: the usual image extension, then
+    ``mpp<m:g>.<format>`` for each coarser mpp (the key stays dot-free)."""
+    return [params.format] + [f"mpp{m:g}.{params.format}" for m in params.mpps[1:]]
+
+
+@dataclass
+class Scale:
+    """How one coarser resolution of a slide is read: pyramid level, side there, level-0
+    footprint and the shift of its top-left corner from the finest patch's."""
+
+    mpp: float
+    level: int
+    read_size: int
+    size0: int
+    shift0: int
+
+
+def plan_scales(reader: Any, attrs: dict[str, Any], mpps: list[float]) -> list[Scale]:
+    """The coarser resolutions of one slide, chosen as :func:`pathflow.grid.patch_grid`
+    chooses the single one (level: coarsest with downsample <= 1.01 x the wanted one)."""
+    from pathflow.grid import plan_read
+
+    slide_mpp = float(attrs["mpp"])
+    out = int(attrs.get("target_patch_size", attrs["patch_size"]))
+    size0_fine = int(attrs.get("patch_size_level0", attrs["patch_size"]))
+    scales = []
+    for m in mpps[1:]:
+        ratio = m / slide_mpp
+        size0 = max(1, round(out * ratio))
+        level = plan_read(reader, ratio)
+        read_size = max(1, round(size0 / reader.level_downsamples[level]))
+        scales.append(Scale(m, level, read_size, size0, (size0_fine - size0) // 2))
+    return scales
 
 
 @dataclass
@@ -136,6 +204,8 @@ def fingerprint(plans: list[SlidePlan], params: ShardParams) -> str:
     for k in ("prefix", "max_samples", "max_mb", "format", "quality", "transcode", "shuffle",
               "seed", "sub_size"):  # fmt: skip
         h.update(f"{k}={getattr(params, k)};".encode())
+    if params.multiscale:  # absent for single-resolution runs: their fingerprints stay
+        h.update(f"mpps={[float(m) for m in params.mpps]};".encode())
     for p in plans:
         h.update(p.sid.encode())
         h.update(p.coords.tobytes())
@@ -182,8 +252,10 @@ def write_shards(
     params: ShardParams,
     overwrite: bool = False,
     progress: bool | None = None,
+    shards_dir: Path | None = None,
 ) -> ShardReport:
-    """Write (or resume) the shards of a run into ``out/shards``."""
+    """Write (or resume) the shards of a run into ``out/shards`` (or ``shards_dir``: a job
+    array part writes ``out/shards/part-IIII``)."""
     from tqdm.auto import tqdm
 
     from pathflow.outputs import atomic_path
@@ -191,7 +263,7 @@ def write_shards(
 
     params.validate()
     t0 = time.perf_counter()
-    sdir = out / "shards"
+    sdir = shards_dir if shards_dir is not None else out / "shards"
     sdir.mkdir(parents=True, exist_ok=True)
     plans = load_plans(out, rows)
     fp = fingerprint(plans, params)
@@ -221,15 +293,17 @@ def write_shards(
         str(sdir), params.prefix, params.max_samples, int(params.max_mb * 1e6),
         start_index=len(done), start_sample=start,
     )  # fmt: skip
-    sources: dict[int, Any] = {}
+    sources: dict[int, list[Any]] = {}  # slide -> [finest source, coarser sources...]
+    scales: dict[int, list[Scale]] = {}
     bar = tqdm(total=len(order), initial=start, desc="shards", unit="patch", file=sys.stderr,
                disable=(not progress) if progress is not None else None)  # fmt: skip
 
-    def source(i: int) -> Any:
+    def source(i: int) -> list[Any]:
         if i not in sources:
             if len(sources) >= 32:  # bounded number of open slides
                 oldest = next(iter(sources))
-                sources.pop(oldest).close()
+                for old in sources.pop(oldest):
+                    old.close()
             p = plans[i]
             a = p.attrs
             spec = PatchSpec(
@@ -242,8 +316,16 @@ def write_shards(
             )
             if spec.sub_size:
                 sub_grid(spec.out_size, spec.sub_size)
-            sources[i] = open_source(p.path, params.backend, spec, params.transcode, threads)
-            if sources[i].passthrough:
+            opened = [open_source(p.path, params.backend, spec, params.transcode, threads)]
+            try:
+                if params.multiscale:
+                    scales[i] = _open_scales(p, spec, params, threads, opened)
+            except BaseException:
+                for s in opened:
+                    s.close()
+                raise
+            sources[i] = opened
+            if opened[0].passthrough:
                 report.passthrough_slides += 1
         return sources[i]
 
@@ -263,13 +345,16 @@ def write_shards(
                     results[si] = [failed_open[si]] * int(sel.sum())
                     continue
                 try:
-                    src = source(si)
+                    srcs = source(si)
                 except Exception as exc:
                     msg = f"{plans[si].path}: {str(exc).splitlines()[0] if str(exc) else exc}"
                     failed_open[si] = msg
                     results[si] = [msg] * int(sel.sum())
                     continue
-                results[si] = src.produce(plans[si].coords[chunk[sel, 1]])
+                coords0 = plans[si].coords[chunk[sel, 1]]
+                results[si] = srcs[0].produce(coords0)
+                if params.multiscale:
+                    results[si] = _merge_scales(results[si], srcs[1:], scales[si], coords0)
             per_pos: list[list[bytes] | str] = [b""] * len(chunk)  # type: ignore[list-item]
             for si, pos in positions.items():
                 for j, r in zip(pos.tolist(), results[si], strict=False):
@@ -285,10 +370,15 @@ def write_shards(
                     continue
                 x, y = (int(v) for v in p.coords[pi])
                 key = f"{p.key}_{x}_{y}"
-                meta = _sample_json(p, pi, x, y, params, len(r) - 1)
-                entry = [(params.format, r[0]), ("json", meta)]
-                for k, sub in enumerate(r[1:]):
-                    entry.append((f"p{k:03d}.{params.format}", sub))
+                if params.multiscale:
+                    meta = _sample_json(p, pi, x, y, params, 0, scales[si])
+                    exts = scale_exts(params)
+                    entry = [(exts[0], r[0]), ("json", meta), *zip(exts[1:], r[1:], strict=True)]
+                else:
+                    meta = _sample_json(p, pi, x, y, params, len(r) - 1)
+                    entry = [(params.format, r[0]), ("json", meta)]
+                    for k, sub in enumerate(r[1:]):
+                        entry.append((f"p{k:03d}.{params.format}", sub))
                 keys.append(key)
                 files.append(entry)
                 report.per_slide[p.sid] += 1
@@ -305,8 +395,9 @@ def write_shards(
         writer.abort()
         raise
     finally:
-        for s in sources.values():
-            s.close()
+        for opened in sources.values():
+            for s in opened:
+                s.close()
         bar.close()
     report.shards = done + finished
     report.per_slide = _count_per_slide(sdir, report.shards, plans)
@@ -315,6 +406,49 @@ def write_shards(
     report.seconds = time.perf_counter() - t0
     _write_summary(sdir, report, plans, params)
     return report
+
+
+def _open_scales(
+    p: SlidePlan, spec: Any, params: ShardParams, threads: int, opened: list[Any]
+) -> list[Scale]:
+    """Plans the coarser resolutions of slide ``p`` and appends one source per resolution to
+    ``opened``. ``--transcode never`` binds the finest entry only (coarser ones rarely line
+    up with native tiles); ``always`` binds all."""
+    from pathflow.slide import open_slide
+    from pathflow.tiling.sources import PatchSpec, open_source
+
+    if "mpp" not in p.attrs:
+        raise InvalidArgumentError(f"{p.sid}: coords file has no slide mpp for --shard-mpps")
+    if abs(float(p.attrs.get("target_mpp", 0.0)) - params.mpps[0]) > 1e-6:
+        raise InvalidArgumentError(
+            f"{p.sid}: the grid was laid at {p.attrs.get('target_mpp')} um/px but the finest "
+            f"shard mpp is {params.mpps[0]:g} (re-tile with --overwrite)"
+        )
+    with open_slide(p.path, backend=params.backend) as reader:
+        scales = plan_scales(reader, p.attrs, params.mpps)
+    transcode = "always" if params.transcode == "always" else "auto"
+    for sc in scales:
+        sspec = PatchSpec(read_level=sc.level, read_size=sc.read_size, out_size=spec.out_size,
+                          format=params.format, quality=params.quality)  # fmt: skip
+        opened.append(open_source(p.path, params.backend, sspec, transcode, threads))
+    return scales
+
+
+def _merge_scales(
+    fine: list[list[bytes] | str],
+    sources: list[Any],
+    scales: list[Scale],
+    coords0: npt.NDArray[np.int64],
+) -> list[list[bytes] | str]:
+    """Per sample ``[finest, coarser...]`` payloads, or the first error of any of them (a
+    sample is written with all its resolutions or not at all)."""
+    per_scale = [src.produce(coords0 + sc.shift0) for src, sc in zip(sources, scales, strict=True)]
+    out: list[list[bytes] | str] = []
+    for j, r in enumerate(fine):
+        parts = [r, *(coarse[j] for coarse in per_scale)]
+        err = next((q for q in parts if isinstance(q, str)), None)
+        out.append(err if err is not None else [q[0] for q in parts if not isinstance(q, str)])
+    return out
 
 
 def _count_per_slide(
@@ -334,7 +468,15 @@ def _count_per_slide(
     return counts
 
 
-def _sample_json(p: SlidePlan, pi: int, x: int, y: int, params: ShardParams, n_sub: int) -> bytes:
+def _sample_json(
+    p: SlidePlan,
+    pi: int,
+    x: int,
+    y: int,
+    params: ShardParams,
+    n_sub: int,
+    scales: list[Scale] | None = None,
+) -> bytes:
     a = p.attrs
     meta: dict[str, Any] = {
         "slide": p.sid,
@@ -354,6 +496,13 @@ def _sample_json(p: SlidePlan, pi: int, x: int, y: int, params: ShardParams, n_s
         meta["sub_patch_size"] = params.sub_size
         meta["sub_coords"] = [
             [x + round(c * step), y + round(r * step)] for r in range(g) for c in range(g)
+        ]
+    if scales is not None:
+        meta["mpps"] = [float(m) for m in params.mpps]
+        meta["scale_exts"] = scale_exts(params)
+        meta["scale_levels"] = [meta["level"]] + [sc.level for sc in scales]
+        meta["scale_boxes"] = [[x, y, meta["patch_size_level0"]]] + [
+            [x + sc.shift0, y + sc.shift0, sc.size0] for sc in scales
         ]
     return json.dumps(meta, separators=(",", ":")).encode()
 
@@ -381,5 +530,8 @@ def _write_summary(sdir: Path, r: ShardReport, plans: list[SlidePlan], params: S
         ],
         "slides": {p.sid: r.per_slide.get(p.sid, 0) for p in plans},
     }
+    if params.multiscale:  # single-resolution summaries stay as they were
+        doc["mpps"] = [float(m) for m in params.mpps]
+        doc["scale_exts"] = scale_exts(params)
     with atomic_path(sdir / "shards.json") as tmp:
         tmp.write_text(json.dumps(doc, indent=1))

@@ -25,7 +25,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from pathflow.config import YamlConfig, is_list, scalar_type
-from pathflow.train.config import PRECISIONS, TrainConfig
+from pathflow.train.config import POSITIVES, PRECISIONS, TrainConfig
 
 _S = argparse.SUPPRESS
 
@@ -115,6 +115,8 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         "method": methods,
         "precision": list(PRECISIONS),
         "loader_backend": ["auto", "dali", "torch"],
+        "positives": list(POSITIVES),
+        "signal_checkpoint": ["USR1", "USR2", "TERM", "INT", "HUP", "none"],
     }
     _add_fields(p, TrainConfig, groups=_GROUPS, parser=p, choices=choices)
     for name in methods:
@@ -148,7 +150,11 @@ def run_train(ns: argparse.Namespace) -> int:
         cfg = TrainConfig.build(from_yaml, values)
         from pathflow.train.trainer import train
 
-        train(cfg, progress=False if ns.quiet else None)
+        summary = train(cfg, progress=False if ns.quiet else None)
+        if summary.stopped_by:  # checkpointed on --signal-checkpoint: requeue and --resume
+            from pathflow.train.preemption import EXIT_STOPPED
+
+            return EXIT_STOPPED
     except (PathflowError, ValueError) as exc:
         print(f"pathflow train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1

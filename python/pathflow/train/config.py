@@ -45,12 +45,14 @@ from pathflow.exceptions import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("adamw", "sgd", "lars")
+POSITIVES = ("augment", "neighbour", "scale")
 
 #: Options that may differ between a run and its ``--resume`` (they do not change what
 #: trains); ``steps_per_epoch`` and ``world_size`` are checked on their own.
 RUN_CONTROL = (
     "stop_after", "save_every", "log_every", "tensorboard", "resume", "allow_changed",
     "num_workers", "compile", "out", "data", "steps_per_epoch", "world_size",
+    "signal_checkpoint",
 )  # fmt: skip
 
 
@@ -172,6 +174,17 @@ class TrainConfig(YamlConfig):
     global_size: int | None = field(default=None, metadata=_h("size of the global views"))
     local_size: int | None = field(default=None, metadata=_h("size of the local views"))
     num_local: int | None = field(default=None, metadata=_h("number of local views (dino 8)"))
+    positives: str = field(
+        default="augment",
+        metadata=_h("what a positive pair is: augment (two views of a patch), neighbour (a "
+                    "patch of the same slide within --neighbour-radius grid steps) or scale "
+                    "(the same spot at another magnification, shards tiled with --shard-mpps)"),
+    )  # fmt: skip
+    neighbour_radius: float = field(
+        default=2.0,
+        metadata=_h("with --positives neighbour: radius in grid steps (Chebyshev; 2 = the "
+                    "5 x 5 block around the patch)"),
+    )  # fmt: skip
     # run
     device: str = field(default="auto", metadata=_h("auto, cpu, cuda or cuda:N"))
     precision: str = field(
@@ -192,6 +205,14 @@ class TrainConfig(YamlConfig):
         default=False, metadata=_h("continue from OUT/checkpoint.pt when it exists")
     )
     tensorboard: bool = field(default=True, metadata=_h("write TensorBoard scalars to OUT/tb"))
+    signal_checkpoint: str = field(
+        default="USR1",
+        metadata=_h(
+            "on this signal (USR1, USR2, TERM, INT, HUP or none) stop within a step or two, "
+            "checkpoint and exit with status 75, for SLURM's --signal=USR1@120 and a requeued "
+            "--resume"
+        ),
+    )
     allow_changed: list[str] = field(
         default_factory=list,
         metadata=_h(
@@ -248,6 +269,10 @@ class TrainConfig(YamlConfig):
             raise ConfigError(f"momentum must be in [0, 1), got {out.momentum}")
         if out.lars_eta <= 0:
             raise ConfigError(f"lars_eta must be > 0, got {out.lars_eta}")
+        if out.positives not in POSITIVES:
+            raise ConfigError(f"positives must be one of {POSITIVES}, got {out.positives!r}")
+        if not out.neighbour_radius > 0:
+            raise ConfigError(f"neighbour_radius must be > 0, got {out.neighbour_radius}")
         if out.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {out.precision!r}")
         for name in ("batch_size", "epochs", "save_every", "log_every"):

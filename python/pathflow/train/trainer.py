@@ -14,6 +14,10 @@ One step::
     optimizer.step()                              AdamW (fused on CUDA, foreach on CPU)
     method.after_step(step)                       DINO: centre and EMA teacher updates
 
+Methods with ``uses_meta`` get the batch's metadata (``model(views, step, meta=...)``; SGCL:
+its bank's sample indices); a method's ``start_epoch(epoch)``, if it has one, runs before
+each epoch's first batch (SGCL: k-means refit, skipped when resumed within the epoch).
+
 Run with ``torchrun --nproc-per-node N -m pathflow train ...`` for DDP (NCCL on GPUs, gloo on
 CPU); every rank reads its own share of the shards. Outputs in ``OUT/``: ``config.yaml``
 (resolved), ``checkpoint.pt`` (atomic, every ``save_every`` steps and at the end),
@@ -61,10 +65,11 @@ from pathflow.train.checkpoint import (
     unpack_rank_state,
 )
 from pathflow.train.config import TrainConfig
-from pathflow.train.distributed import DistInfo, init_distributed
+from pathflow.train.distributed import DistInfo, available_cpus, init_distributed
 from pathflow.train.export import export_backbone
 from pathflow.train.methods import SSLMethod, create_method, method_class
 from pathflow.train.metrics import MetricsLogger
+from pathflow.train.preemption import StopSignal
 from pathflow.train.schedules import cosine_schedule
 
 
@@ -96,6 +101,7 @@ class TrainSummary:
     batch_size: int
     finished: bool
     out: str
+    stopped_by: str | None = None  # the --signal-checkpoint signal that stopped the run
 
     def line(self) -> str:
         mem = f", peak GPU memory {self.peak_memory_gb:.2f} GB" if self.peak_memory_gb else ""
@@ -248,6 +254,8 @@ def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
         world_size=info.world_size,
         num_workers=cfg.num_workers,
         output=output,
+        positives=cfg.positives,
+        neighbour_radius=cfg.neighbour_radius,
     )
 
 
@@ -442,14 +450,19 @@ def train_step(
     info: DistInfo,
     lr: float,
     wd: float,
+    meta: dict[str, Any] | None = None,
 ) -> tuple[float, dict[str, Tensor], Tensor | None]:
     """One optimisation step. Returns the loss averaged over ranks, the method's outputs
     and the global gradient norm (before clipping; None without clipping). Raises
     :class:`NonFiniteLossError` before touching the weights if the loss is NaN/inf on any
-    rank."""
+    rank. ``meta``: the batch's metadata, passed to methods whose ``uses_meta`` is True
+    (SGCL: sample indices of its memory bank)."""
     set_schedules(optimizer, lr, wd, peak_lr=cfg.scaled_lr(info.world_size))
     with autocast(cfg, info.device):
-        outputs = model(views, step)
+        if getattr(method, "uses_meta", False):
+            outputs = model(views, step, meta=meta)
+        else:
+            outputs = model(views, step)
     loss = outputs["loss"]
     loss_value = mean_over_ranks(loss, info)
     if not math.isfinite(loss_value):
@@ -477,20 +490,23 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> TrainSummary:
     created_group = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, progress)
+        with StopSignal(cfg.signal_checkpoint, info) as stop:  # SLURM's pre-timeout signal
+            return _train(cfg, info, progress, stop)
     finally:
         if created_group and info.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSummary:
+def _train(
+    cfg: TrainConfig, info: DistInfo, progress: bool | None, stop: StopSignal
+) -> TrainSummary:
     device = info.device
     cfg = resolve_runtime(cfg, device)
     if device.type == "cpu":
         # The loader's workers take cores too: oversubscribed OpenMP threads spin and can make
         # a CPU step many times slower, so the trainer keeps only the cores that are left.
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local - cfg.num_workers))
+        torch.set_num_threads(max(1, available_cpus() // local - cfg.num_workers))
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     resuming = cfg.resume and ckpt_path.exists()
@@ -605,6 +621,9 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
     with logger, progress_bar(stop_at, step, show_bar) as bar:
         while step < stop_at:
             loader.set_epoch(epoch)
+            start_epoch = getattr(method, "start_epoch", None)
+            if start_epoch is not None:  # e.g. SGCL's k-means refit (skipped when resumed)
+                start_epoch(epoch)
             seen = False
             for batch in rng_isolated(loader):
                 seen = True
@@ -615,6 +634,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
                     loss_value, outputs, grad_norm = train_step(
                         model, method, optimizer, views, step, cfg, info,
                         lr=float(lr_schedule[step]), wd=float(wd_schedule[step]),
+                        meta=batch.meta,
                     )  # fmt: skip
                 except NonFiniteLossError as exc:
                     last = (
@@ -627,6 +647,8 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
                         "warmup, or --precision fp32."
                     ) from None
                 step += 1
+                if stop.requested():  # on every rank alike: checkpoint below, then leave
+                    stop_at = step
                 last_loss = loss_value
                 if step == steady_from:
                     t_steady = time.perf_counter()
@@ -708,6 +730,7 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
         batch_size=cfg.batch_size,
         finished=step >= total,
         out=str(out),
+        stopped_by=stop.name if stop.stopped and step < total else None,
     )
     if info.is_main:
         spec = getattr(loader, "spec", None)  # the training normalisation, for --norm auto
@@ -717,6 +740,10 @@ def _train(cfg: TrainConfig, info: DistInfo, progress: bool | None) -> TrainSumm
         )  # fmt: skip
         atomic_write_text(out / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
         say(summary.line())
+        if summary.stopped_by:
+            say(stop.message(step, ckpt_path))
+    if summary.stopped_by and info.distributed:
+        dist.barrier()  # no rank exits (75) before rank 0's outputs: srun --kill-on-bad-exit
     return summary
 
 

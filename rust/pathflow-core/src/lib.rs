@@ -10,6 +10,8 @@
 //!   the `four_pt` rule and exact tissue fractions from a summed-area table.
 //! * [`views`]: cheap JPEG/PNG validity checks and the decode-once, many-views kernel of the
 //!   self-supervised data loader (float-box crop, PIL-compatible bilinear resize, D4).
+//! * [`overlay`]: the overlay picture of `pathflow tile` (patch cells blended in one pass,
+//!   contours drawn once each, JPEG) and its fast grayscale mask PNG.
 //! * [`augment`]: the loader's fused colour augmentations (RandStainNA, HED, colour jitter,
 //!   Gaussian blur, solarisation, normalisation) from RGB8 crops to a `(N, 3, S, S)` tensor.
 //!
@@ -23,6 +25,7 @@ pub mod error;
 pub mod grid;
 pub mod jpeg;
 pub mod mask;
+pub mod overlay;
 pub mod polygon;
 pub mod shards;
 pub mod tiles;

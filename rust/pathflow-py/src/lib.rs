@@ -510,6 +510,59 @@ fn tissue_fractions<'py>(
 }
 
 // ---------------------------------------------------------------------------------------
+// Overlay pictures and mask PNGs of `pathflow tile` (see `pathflow_core::overlay`)
+
+/// Overlay JPEG: patch cells of `coords` (level-0 corners, side `side0`) blended on the RGB
+/// thumbnail, then tissue contours (green) and holes (blue) in level-0 points; `fx`, `fy` =
+/// thumbnail pixels per level-0 pixel.
+#[pyfunction]
+#[pyo3(signature = (thumb, coords, side0, fx, fy, tissue, holes, line_width=1, quality=85))]
+#[allow(clippy::too_many_arguments)]
+fn render_overlay<'py>(
+    py: Python<'py>,
+    thumb: PyReadonlyArrayDyn<'py, u8>,
+    coords: PyReadonlyArray2<'py, i64>,
+    side0: f64,
+    fx: f64,
+    fy: f64,
+    tissue: PyContours<'py>,
+    holes: Vec<PyContours<'py>>,
+    line_width: usize,
+    quality: u8,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let (d, w, h, c) = image_of(&thumb)?;
+    if c != 3 {
+        return Err(InvalidArgumentError::new_err(format!(
+            "overlay thumbnail must be RGB (H, W, 3), got {c} channel(s)"
+        )));
+    }
+    let pts = contour_of(&coords)?;
+    let regions = regions_of(tissue, holes)?;
+    let style = pathflow_core::overlay::OverlayStyle {
+        line_width,
+        ..Default::default()
+    };
+    let out = run(py, || {
+        pathflow_core::overlay::render_overlay(
+            &d, w, h, &pts, side0, fx, fy, &regions, &style, quality,
+        )
+    })
+    .map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+/// 8-bit grayscale PNG of an (H, W) uint8 mask (unfiltered, fast DEFLATE).
+#[pyfunction]
+fn encode_gray_png<'py>(
+    py: Python<'py>,
+    mask: PyReadonlyArray2<'py, u8>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let (m, w, h) = gray_of(&mask);
+    let out = run(py, || pathflow_core::overlay::encode_gray_png(&m, w, h)).map_err(to_py)?;
+    Ok(PyBytes::new(py, &out))
+}
+
+// ---------------------------------------------------------------------------------------
 // Fused colour augmentations (the CPU side of the self-supervised data loader)
 
 /// Checks that a per-sample parameter array has shape `(n, *rest)`.
@@ -692,6 +745,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(slide_grid, m)?)?;
     m.add_function(wrap_pyfunction!(full_grid, m)?)?;
     m.add_function(wrap_pyfunction!(tissue_fractions, m)?)?;
+    m.add_function(wrap_pyfunction!(render_overlay, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_gray_png, m)?)?;
     m.add_function(wrap_pyfunction!(sanitize_key, m)?)?;
     m.add_class::<PyShardWriter>()?;
     m.add_class::<PyTiledLevel>()?;

@@ -8,6 +8,8 @@ BatchNorm + ReLU after all but the last::
     SimSiam projector MLPHead(dim, 2048, 2048, 3, bn_last=True)   (facebookresearch/simsiam)
     SimSiam predictor MLPHead(2048, 512, 2048, 2)
     MoCo v2 neck      MLPHead(dim, dim, 128, 2, batch_norm=False) (facebookresearch/moco --mlp)
+    MoCo v3 projector MLPHead(dim, 4096, 256, 3, bn_last=True)    (facebookresearch/moco-v3)
+    MoCo v3 predictor MLPHead(256, 4096, 256, 2, last_bias=False)
 
 Linear layers followed by a BatchNorm have no bias (it would be cancelled by the mean
 subtraction); ``bn_last`` adds SimSiam's BatchNorm without affine parameters after the last
@@ -34,7 +36,8 @@ from pathflow.train.heads.projection_head import GlobalBatchNorm1d
 class MLPHead(nn.Module):
     """``num_layers`` linear layers (``in_dim -> hidden_dim ... -> out_dim``) with
     BatchNorm (``batch_norm``) and ReLU between them; ``bn_last``: a BatchNorm without
-    affine parameters after the last layer (SimSiam's projector)."""
+    affine parameters after the last layer (SimSiam's projector); ``last_bias=False``: no
+    bias on the last layer either (MoCo v3's predictor)."""
 
     def __init__(
         self,
@@ -44,6 +47,7 @@ class MLPHead(nn.Module):
         num_layers: int = 2,
         batch_norm: bool = True,
         bn_last: bool = False,
+        last_bias: bool = True,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -54,7 +58,11 @@ class MLPHead(nn.Module):
             last = i == num_layers - 1
             norm_after = batch_norm and not last
             layers.append(
-                nn.Linear(dims[i], dims[i + 1], bias=not (norm_after or (last and bn_last)))
+                nn.Linear(
+                    dims[i],
+                    dims[i + 1],
+                    bias=not (norm_after or (last and (bn_last or not last_bias))),
+                )
             )
             if norm_after:
                 layers.append(GlobalBatchNorm1d(dims[i + 1]))

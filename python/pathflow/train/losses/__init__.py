@@ -1,4 +1,4 @@
-"""Self-supervised losses (DINO, NT-Xent, InfoNCE with a queue, negative cosine).
+"""Self-supervised losses (DINO, NT-Xent, InfoNCE with a queue, negative cosine, SGCL).
 
 Example:
     >>> from pathflow.train.losses import DINOLoss, NTXentLoss
@@ -12,6 +12,7 @@ from pathflow.train.losses.dino_loss import DINOLoss
 from pathflow.train.losses.infonce import InfoNCELoss, KeyQueue
 from pathflow.train.losses.negative_cosine import BYOLLoss, NegativeCosineLoss
 from pathflow.train.losses.ntxent_loss import NTXentLoss
+from pathflow.train.losses.sgcl_loss import SpatialMemoryBank, sgcl_terms
 
 __all__ = [
     "BYOLLoss",
@@ -20,4 +21,6 @@ __all__ = [
     "KeyQueue",
     "NTXentLoss",
     "NegativeCosineLoss",
+    "SpatialMemoryBank",
+    "sgcl_terms",
 ]

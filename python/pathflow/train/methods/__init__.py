@@ -3,7 +3,7 @@
 Example:
     >>> from pathflow.train.methods import list_methods
     >>> " ".join(list_methods())
-    'barlowtwins byol clubyol clusiam dino hipt4k mocov2 simclr simsiam swav'
+    'barlowtwins byol clubyol clusiam dino hipt4k mocov2 mocov3 sgcl simclr simsiam swav'
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathflow.train.methods import (  # noqa: F401  (register the methods)
     dino,
     hipt4k,
     mocov2,
+    mocov3,
+    sgcl,
     simclr,
     simsiam,
     swav,
@@ -34,12 +36,14 @@ from pathflow.train.methods.clusiam import CluSiam, CluSiamConfig
 from pathflow.train.methods.dino import DINO, DINOConfig
 from pathflow.train.methods.hipt4k import HIPT4K, HIPT4KConfig
 from pathflow.train.methods.mocov2 import MoCoV2, MoCoV2Config
+from pathflow.train.methods.mocov3 import MoCoV3, MoCoV3Config
 from pathflow.train.methods.registry import (
     create_method,
     list_methods,
     method_class,
     register_method,
 )
+from pathflow.train.methods.sgcl import SGCL, SGCLConfig
 from pathflow.train.methods.simclr import SimCLR, SimCLRConfig
 from pathflow.train.methods.simsiam import SimSiam, SimSiamConfig
 from pathflow.train.methods.swav import SwAV, SwAVConfig
@@ -48,6 +52,7 @@ __all__ = [
     "BYOL",
     "DINO",
     "HIPT4K",
+    "SGCL",
     "BYOLConfig",
     "BarlowTwins",
     "BarlowTwinsConfig",
@@ -60,7 +65,10 @@ __all__ = [
     "MethodConfig",
     "MoCoV2",
     "MoCoV2Config",
+    "MoCoV3",
+    "MoCoV3Config",
     "MultiCropEncoder",
+    "SGCLConfig",
     "SSLMethod",
     "SimCLR",
     "SimCLRConfig",
