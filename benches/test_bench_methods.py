@@ -40,7 +40,14 @@ GLOBAL, LOCAL = 96, 48
 def _methods() -> list[str]:
     from pathflow.train.methods import list_methods, method_class
 
-    image = [m for m in list_methods() if method_class(m).data_kind != "region_features"]
+    # SGCL needs the shards (its bank is sized by and indexed into the dataset): not on
+    # synthetic views
+    image = [
+        m
+        for m in list_methods()
+        if method_class(m).data_kind != "region_features"
+        and not getattr(method_class(m), "uses_meta", False)
+    ]
     chosen = os.environ.get("PATHFLOW_BENCH_METHODS")
     return [m for m in chosen.split(",") if m] if chosen else image
 

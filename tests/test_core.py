@@ -169,18 +169,35 @@ def test_stub_matches_the_extension() -> None:
         assert stub_names == real, name
 
 
-def _count_tissue_in_child() -> int:
+_FORK_SCRIPT = """
+import multiprocessing as mp
+import numpy as np
+from pathflow import _core
+
+def count():
     img = np.zeros((64, 64, 3), np.uint8)
     img[16:48, 16:48] = (200, 40, 120)
     binary, _, _ = _core.binary_tissue(img)
     return int((binary > 0).sum())
 
-
-def test_pool_is_fork_safe() -> None:
-    """A forked child (DataLoader worker, multiprocessing) gets a fresh pool, no deadlock."""
-    import multiprocessing as mp
-
-    parent = _count_tissue_in_child()  # starts the pool in the parent
+if __name__ == "__main__":
+    parent = count()  # starts the pool in the parent
     with mp.get_context("fork").Pool(1) as pool:
-        child = pool.apply_async(_count_tissue_in_child).get(timeout=60)
+        child = pool.apply_async(count).get(timeout=60)
+    print(parent, child)
+"""
+
+
+def test_pool_is_fork_safe(tmp_path: Path) -> None:
+    """A forked child (DataLoader worker, multiprocessing) gets a fresh pool, no deadlock.
+    Run in a fresh interpreter: forking this test process, which holds other tests'
+    threads (I/O pools, event loops), could deadlock for reasons that are not the pool's."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_SCRIPT)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    parent, child = map(int, res.stdout.split())
     assert child == parent > 0

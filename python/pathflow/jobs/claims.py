@@ -148,6 +148,7 @@ class _Heartbeat:
     def discard(self, path: Path) -> None:
         with self._lock:
             self._paths.pop(path, None)
+            self._wake.set()  # the thread ends at once when no lock is left
 
     def _run(self) -> None:
         due: dict[Path, float] = {}
