@@ -105,14 +105,29 @@ def test_coordinates_and_slides_give_the_shards_features(
         b = read_hipt(out / "features" / f"{slide}.h5")
         np.testing.assert_array_equal(a["coords"], b["coords"])
         np.testing.assert_array_equal(a["region_features"], b["region_features"])
-    # a slide folder that lacks the slide: one line naming the coordinate file
-    empty = tmp_path / "no_slides"
-    empty.mkdir()
+    # a slide folder that lacks one slide: that slide fails alone (its manifest row names the
+    # coordinate file and the problem), the other is extracted, exit status 1
+    import csv
+
+    import h5py
+
+    some = tmp_path / "some_slides"
+    some.mkdir()
+    with h5py.File(tiles / "coords" / "slide.h5", "r") as f:
+        src = Path(str(f["coords"].attrs.get("slide_path", f.attrs.get("slide_path"))))
+    (some / src.name).symlink_to(src)
     capsys.readouterr()
     assert run_cli("extract", tiles / "coords", "--model", "regions", "--arch", ARCH,
-                   "--slides", empty, "--out", tmp_path / "x", "-q") == 2  # fmt: skip
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cmu_small_region.h5: no slide named cmu_small_region.*" in err[0]
+                   "--slides", some, "--out", tmp_path / "x", "-q") == 1  # fmt: skip
+    with open(tmp_path / "x" / "extract_manifest.csv", newline="") as f:
+        rows = {r["slide"]: r for r in csv.DictReader(f)}
+    assert rows["slide"]["status"] == "ok" and (tmp_path / "x" / "features" / "slide.h5").exists()
+    assert rows["cmu_small_region"]["status"] == "failed"
+    assert (
+        "cmu_small_region.h5: no slide named cmu_small_region.*"
+        in rows["cmu_small_region"]["error"]
+    )
+    assert not (tmp_path / "x" / "features" / "cmu_small_region.h5").exists()
 
 
 def test_region_files_resume_and_load_as_pretraining_data(regions32: Path, tiles: Path) -> None:

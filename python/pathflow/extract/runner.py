@@ -460,12 +460,12 @@ def _write_regions(
     """One slide's region file (``--model regions``/``hipt``); its manifest row."""
     grids, rok = region_rows(feats, ok, g.grid)
     bad = int((~rok).sum())
+    first = next((r for r in reasons if r), "?")
     if bad:
-        first = next((r for r in reasons if r), "?")
         log.warning("%s: %d of %d regions have undecodable patches, skipped (e.g. %s)",
                     g.name, bad, g.num_regions, first)  # fmt: skip
     if not rok.any():
-        return _row(g.name, "failed", dest, 0, bad, secs, error="no decodable region")
+        return _row(g.name, "failed", dest, 0, bad, secs, error=f"no decodable region ({first})")
     kept = grids[rok]
     attrs = {
         **g.attrs,
@@ -595,6 +595,8 @@ def _row(
     error: str = "",
     model: str = "",
 ) -> dict[str, Any]:
+    if status == "failed":
+        log.error("FAILED %s: %s", slide, error)
     return {
         "slide": slide,
         "status": status,

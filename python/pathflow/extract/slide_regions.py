@@ -64,6 +64,23 @@ class SlideReadSpec:
 RegionReadSpec = SlideReadSpec
 
 
+class MissingSlideRefs:
+    """The refs of a coordinate file whose slide cannot be found: every ref carries the
+    one-line error, so that slide fails alone (its manifest row names the problem) and the
+    other slides of the run are extracted."""
+
+    def __init__(self, source: Path, error: str, count: int) -> None:
+        self.ref = PatchRef(path=str(source), error=error)
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[PatchRef]:
+        for _ in range(self.count):
+            yield self.ref
+
+
 class SlidePatchRefs:
     """The refs of one slide's patches (or regions' sub-patches), produced lazily:
     iterating reads and encodes them in a background thread (``chunk`` coordinates at a time,
@@ -245,8 +262,14 @@ def coords_groups(
             raise ConfigError(
                 f"{f}: regions of {out_size} px are not a multiple of --region-patch {region_patch}"
             )
+        try:
+            slide = _find_slide(f.stem, sdir, attrs, f)
+        except ConfigError as exc:  # this slide fails alone, the others go on
+            slide, missing = "", str(exc)
+        else:
+            missing = ""
         spec = SlideReadSpec(
-            slide=_find_slide(f.stem, sdir, attrs, f),
+            slide=slide,
             read_level=int(attrs["patch_level"]),
             read_size=read_size,
             region_size=out_size,
@@ -257,7 +280,9 @@ def coords_groups(
             transcode=opts.transcode,
             threads=opts.threads,
         )
-        refs = SlidePatchRefs(spec, coords)
+        refs: SlidePatchRefs | MissingSlideRefs = SlidePatchRefs(spec, coords)
+        if missing:
+            refs = MissingSlideRefs(f, missing, len(refs))
         if not region_patch:
             groups.append(
                 PatchGroup(_name(attrs, f), refs, coords, attrs=_patch_geometry(attrs))  # type: ignore[arg-type]
