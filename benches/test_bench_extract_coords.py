@@ -23,7 +23,6 @@ Run: ``python -m pytest benches/test_bench_extract_coords.py --benchmark-only -s
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from conftest import keep_first_patches
 from pathflow.cli import main
 from pathflow.extract.config import ExtractConfig
 from pathflow.extract.runner import run_extract
@@ -51,18 +51,7 @@ def tiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("extract_coords") / "run"
     assert main(["tile", str(slide), "--out", str(out), "--mpp", "0.5", "-q",
                  "--no-overlay"]) == 0  # fmt: skip
-    h5 = next((out / "coords").glob("*.h5"))
-    with h5py.File(h5, "r+") as f:
-        coords, frac = f["coords"][:N_PATCHES], f["tissue_fraction"][:N_PATCHES]
-        attrs = dict(f["coords"].attrs)
-        del f["coords"], f["tissue_fraction"]
-        ds = f.create_dataset("coords", data=coords)
-        for k, v in attrs.items():
-            ds.attrs[k] = v
-        f.create_dataset("tissue_fraction", data=frac)
-    with open(out / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    rows[0]["patches"] = str(len(coords))
+    rows = keep_first_patches(out, N_PATCHES)
     write_shards(out, rows, ShardParams(), progress=False)
     return out
 

@@ -29,21 +29,6 @@ TIMED = 12
 ROUNDS = 2
 
 
-@pytest.fixture(scope="module")
-def shards() -> Path:
-    from pathflow.cli import main
-    from pathflow.data import sample_cache_dir
-
-    out = sample_cache_dir().parent / "bench" / "loader_shards"
-    if not (out / "shards" / "shards.json").is_file():
-        from synthetic_slide import cached_large_slide
-
-        slide = cached_large_slide()
-        assert main(["tile", str(slide), "--out", str(out), "--mpp", "0.5", "--shards", "-q",
-                     "--no-overlay", "--shard-samples", "500"]) == 0  # fmt: skip
-    return out / "shards"
-
-
 def rate(shards: Path, positives: str) -> float:
     """Images/s (anchors) over TIMED batches after WARMUP, looping over epochs."""
     from pathflow.data import make_loader

@@ -12,7 +12,6 @@ Run: ``python -m pytest benches/test_bench_shards.py --benchmark-only -s``.
 
 from __future__ import annotations
 
-import csv
 import io
 import shutil
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
+from conftest import keep_first_patches
 from pathflow.cli import main
 from pathflow.tiling.shards import ShardParams, write_shards
 
@@ -39,19 +39,7 @@ def prepare(tmp: Path, slide: Path, mpp: float) -> tuple[Path, list[dict[str, An
     out = tmp / f"mpp{mpp}"
     assert main(["tile", str(slide), "--out", str(out), "--mpp", str(mpp), "-q",
                  "--no-overlay"]) == 0  # fmt: skip
-    h5 = next((out / "coords").glob("*.h5"))
-    with h5py.File(h5, "r+") as f:  # keep the first N_PATCHES (row-major) patches
-        coords = f["coords"][:N_PATCHES]
-        frac = f["tissue_fraction"][:N_PATCHES]
-        attrs = dict(f["coords"].attrs)
-        del f["coords"], f["tissue_fraction"]
-        ds = f.create_dataset("coords", data=coords)
-        for k, v in attrs.items():
-            ds.attrs[k] = v
-        f.create_dataset("tissue_fraction", data=frac)
-    with open(out / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    rows[0]["patches"] = str(len(coords))
+    rows = keep_first_patches(out, N_PATCHES)
     return out, rows
 
 
