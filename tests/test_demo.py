@@ -25,6 +25,10 @@ def test_demo_runs_end_to_end(tmp_path: Path, cmu_path: Path) -> None:
     assert (out / "train" / "backbone.safetensors").is_file()
     assert sorted(p.name for p in (out / "features" / "features").glob("*.h5")) == [
         "cmu_small_region.h5", "slide_with_ink.h5"]  # fmt: skip
+    # the report names the folder the features really are in
+    extract_row = next(r for r in report.splitlines() if r.startswith("| extract |"))
+    named = Path(extract_row.split(" in ", 1)[1].split(" |", 1)[0])
+    assert named == out / "features" / "features" and (named / "cmu_small_region.h5").is_file()
     metrics = json.loads((out / "eval" / "knn" / "metrics.json").read_text())
     assert metrics["n_train"] + metrics["n_test"] == 310
     assert metrics["metrics"]["accuracy"] > 0.8  # two very different sources

@@ -123,7 +123,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     random = ("--arch", cfg.arch, "--image-size", str(cfg.image_size), "--device", cfg.device,
               "-q")  # fmt: skip
     model = (*random, "--weights", str(weights))
-    _say(f"3/6 extracting features into {out / 'features'}")
+    _say(f"3/6 extracting features into {out / 'features' / 'features'}")
     t = time.perf_counter()
     _cli("extract", str(out / "tiles"), "--out", str(out / "features"), *model)
     times["extract"] = time.perf_counter() - t
@@ -267,7 +267,7 @@ def _report(
         f"{cfg.steps} steps: "
         f"loss {_fmt(first)} -> {_fmt(s['final_loss'])}, "
         f"{s['images_per_s']:.1f} img/s | {times['train']:.1f} |",
-        f"| extract | features/<slide>.h5 in {out / 'features'} | {times['extract']:.1f} |",
+        f"| extract | <slide>.h5 in {out / 'features' / 'features'} | {times['extract']:.1f} |",
         f"| eval knn | k=10 on {sum(counts.values())} labelled patches "
         f"({', '.join(f'{k}: {v}' for k, v in counts.items())}) | {times['eval']:.1f} |",
         "",

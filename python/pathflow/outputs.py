@@ -32,9 +32,36 @@ if TYPE_CHECKING:
     from pathflow.tissue import TissueSegmentation
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (``/proc``); else
+    set and restored at once (``os.umask`` has no read-only form)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def published_mode() -> int:
+    """Mode of a published file: ``0o666`` less the umask, as ``open()`` would create it
+    (``mkstemp`` alone gives ``0o600``, which a colleague sharing the job folder cannot read)."""
+    return 0o666 & ~current_umask()
+
+
 def _temp_beside(dest: Path) -> tuple[int, Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        os.fchmod(fd, published_mode())
+    except OSError:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return fd, Path(tmp)
 
 
@@ -56,12 +83,14 @@ def atomic_open(dest: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest`` for a writer that takes a file name; if the
-    block succeeds, fsync the file and rename it to ``dest``."""
+    block succeeds, fsync the file and rename it to ``dest``. The mode is set again after the
+    writer (some, e.g. safetensors, replace the file they are given by a 0600 one)."""
     fd, tmp_path = _temp_beside(Path(dest))
     os.close(fd)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:
+            os.fchmod(f.fileno(), published_mode())
             os.fsync(f.fileno())
         os.replace(tmp_path, dest)
     finally:

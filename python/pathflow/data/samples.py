@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from pathflow.exceptions import SampleDataError
+from pathflow.outputs import published_mode
 
 __all__ = ["SAMPLES", "SampleInfo", "list_samples", "sample_cache_dir", "sample_slide"]
 
@@ -244,7 +245,7 @@ def _extract_verified(archive: Path, info: SampleInfo, dest: Path) -> None:
                 f"sample {info.name!r}: checksum mismatch for {info.member} from {archive.name}: "
                 f"expected sha256 {info.sha256}, got {got}"
             )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+        os.chmod(tmp, published_mode())  # mkstemp creates 0600 files
         os.replace(tmp, dest)  # atomic: concurrent fetchers all write identical bytes
     finally:
         tmp.unlink(missing_ok=True)

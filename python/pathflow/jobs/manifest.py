@@ -71,7 +71,7 @@ class ManifestLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         size = os.fstat(self._fd).st_size
         if size:  # a torn last line (killed writer) must not swallow our first row
             with open(self.path, "rb") as f:

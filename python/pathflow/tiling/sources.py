@@ -196,7 +196,7 @@ def encode_arrays(arrays: list[np.ndarray], spec: PatchSpec) -> list[list[bytes]
     if not arrays:
         return []
     if spec.sub_size:
-        return _core.encode_regions(arrays, spec.out_size, spec.sub_size, spec.quality)
+        return _core.encode_regions(arrays, spec.out_size, spec.sub_size, spec.quality, spec.format)
     return [[b] for b in _core.encode_images(arrays, spec.out_size, spec.format, spec.quality)]
 
 
