@@ -114,6 +114,84 @@ pub struct ViewColor {
     pub solarize: bool,
 }
 
+/// Per-sample parameters of a batch as flat columns (what a caller holding arrays has):
+/// `n` flags per stage and the stage's values row-major (3 per mean/std/offset, 9 per
+/// matrix). See [`ColorColumns::view_colors`].
+#[derive(Clone, Copy, Debug)]
+pub struct ColorColumns<'a> {
+    /// RandStainNA on/off, `n`.
+    pub stain: &'a [bool],
+    /// RandStainNA target means, `3n`.
+    pub stain_mean: &'a [f32],
+    /// RandStainNA target stds, `3n`.
+    pub stain_std: &'a [f32],
+    /// HED on/off, `n`.
+    pub hed: &'a [bool],
+    /// HED matrices, `9n`.
+    pub hed_matrix: &'a [f32],
+    /// HED offsets, `3n`.
+    pub hed_offset: &'a [f32],
+    /// Colour jitter on/off, `n`.
+    pub color: &'a [bool],
+    /// Colour jitter matrices, `9n`.
+    pub color_matrix: &'a [f32],
+    /// Colour jitter luma weights, `n`.
+    pub color_k: &'a [f32],
+    /// Blur sigmas, `n`.
+    pub blur_sigma: &'a [f32],
+    /// Solarisation on/off, `n`.
+    pub solarize: &'a [bool],
+}
+
+impl ColorColumns<'_> {
+    /// The [`ViewColor`] of each of the `n` samples (a stage whose flag is off is `None`).
+    pub fn view_colors(&self, n: usize) -> Result<Vec<ViewColor>> {
+        let cols: [(&str, usize, usize); 11] = [
+            ("stain", self.stain.len(), 1),
+            ("stain_mean", self.stain_mean.len(), 3),
+            ("stain_std", self.stain_std.len(), 3),
+            ("hed", self.hed.len(), 1),
+            ("hed_matrix", self.hed_matrix.len(), 9),
+            ("hed_offset", self.hed_offset.len(), 3),
+            ("color", self.color.len(), 1),
+            ("color_matrix", self.color_matrix.len(), 9),
+            ("color_k", self.color_k.len(), 1),
+            ("blur_sigma", self.blur_sigma.len(), 1),
+            ("solarize", self.solarize.len(), 1),
+        ];
+        for (name, len, per) in cols {
+            if len != n * per {
+                return Err(CoreError::Shape(format!(
+                    "{name} has {len} values, expected {} ({n} samples x {per})",
+                    n * per
+                )));
+            }
+        }
+        let row3 = |a: &[f32], i: usize| -> [f32; 3] { std::array::from_fn(|j| a[3 * i + j]) };
+        let mat3 = |a: &[f32], i: usize| -> [[f32; 3]; 3] {
+            std::array::from_fn(|r| std::array::from_fn(|c| a[9 * i + 3 * r + c]))
+        };
+        Ok((0..n)
+            .map(|i| ViewColor {
+                stain: self.stain[i].then(|| Stain {
+                    mean: row3(self.stain_mean, i),
+                    std: row3(self.stain_std, i),
+                }),
+                hed: self.hed[i].then(|| Hed {
+                    matrix: mat3(self.hed_matrix, i),
+                    offset: row3(self.hed_offset, i),
+                }),
+                color: self.color[i].then(|| ColorJitter {
+                    matrix: mat3(self.color_matrix, i),
+                    k: self.color_k[i],
+                }),
+                blur_sigma: self.blur_sigma[i],
+                solarize: self.solarize[i],
+            })
+            .collect())
+    }
+}
+
 /// Output normalisation `(x - mean) / std` per channel (float and bfloat16 outputs).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Normalize {
@@ -931,6 +1009,51 @@ pub fn augment_views(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn columns_become_per_sample_stages() {
+        let n = 2;
+        let (stain, hed, color, sol) = ([true, false], [false, true], [true, true], [false, true]);
+        let means: Vec<f32> = (0..6).map(|v| v as f32).collect();
+        let stds: Vec<f32> = (10..16).map(|v| v as f32).collect();
+        let mats: Vec<f32> = (0..18).map(|v| v as f32).collect();
+        let offs: Vec<f32> = (20..26).map(|v| v as f32).collect();
+        let cols = ColorColumns {
+            stain: &stain,
+            stain_mean: &means,
+            stain_std: &stds,
+            hed: &hed,
+            hed_matrix: &mats,
+            hed_offset: &offs,
+            color: &color,
+            color_matrix: &mats,
+            color_k: &[0.5, 0.25],
+            blur_sigma: &[0.0, 1.5],
+            solarize: &sol,
+        };
+        let v = cols.view_colors(n).unwrap();
+        assert_eq!(
+            v[0].stain,
+            Some(Stain {
+                mean: [0.0, 1.0, 2.0],
+                std: [10.0, 11.0, 12.0]
+            })
+        );
+        assert_eq!(v[1].stain, None);
+        assert_eq!(v[0].hed, None);
+        let h = v[1].hed.unwrap();
+        assert_eq!(
+            h.matrix,
+            [[9.0, 10.0, 11.0], [12.0, 13.0, 14.0], [15.0, 16.0, 17.0]]
+        );
+        assert_eq!(h.offset, [23.0, 24.0, 25.0]);
+        assert_eq!(v[1].color.unwrap().k, 0.25);
+        assert_eq!(
+            (v[1].blur_sigma, v[1].solarize, v[0].solarize),
+            (1.5, true, false)
+        );
+        assert!(matches!(cols.view_colors(3), Err(CoreError::Shape(_))));
+    }
 
     const EYE: [[f32; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
     const RAW: Normalize = Normalize {

@@ -4,9 +4,11 @@
 use std::io::Cursor;
 
 use image::{ImageEncoder, RgbImage};
+use rayon::prelude::*;
 
 use crate::error::{invalid, CoreError, Result};
 use crate::jpeg::{encode_rgb, resize_area};
+use crate::ImageView;
 
 /// Output image formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -120,6 +122,55 @@ pub fn encode_region(
     Ok(parts)
 }
 
+fn rgb_of<'a>(img: &ImageView<'a>) -> Result<&'a [u8]> {
+    if img.channels != 3 {
+        return Err(invalid(format!(
+            "images must be (H, W, 3), got {} channel(s)",
+            img.channels
+        )));
+    }
+    Ok(img.data)
+}
+
+/// [`encode_patch`] for a batch, in parallel on rayon's current pool; one outcome per image,
+/// in order (a failure stays with its image).
+pub fn encode_patches(
+    images: &[ImageView<'_>],
+    out: usize,
+    format: Format,
+    quality: u8,
+) -> Vec<Result<Vec<u8>>> {
+    images
+        .par_iter()
+        .map(|img| encode_patch(rgb_of(img)?, img.width, img.height, out, format, quality))
+        .collect()
+}
+
+/// [`encode_region`] for a batch, in parallel on rayon's current pool; one outcome per
+/// image, in order.
+pub fn encode_regions(
+    images: &[ImageView<'_>],
+    out: usize,
+    sub: usize,
+    format: Format,
+    quality: u8,
+) -> Vec<Result<Vec<Vec<u8>>>> {
+    images
+        .par_iter()
+        .map(|img| {
+            encode_region(
+                rgb_of(img)?,
+                img.width,
+                img.height,
+                out,
+                sub,
+                format,
+                quality,
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +206,36 @@ mod tests {
         let p3 = image::load_from_memory(&parts[3]).unwrap().to_rgb8();
         assert_eq!(p3.get_pixel(0, 0).0, [0, 32, 128]);
         assert!(encode_region(&img, 64, 64, 64, 24, Format::Png, 90).is_err());
+    }
+
+    #[test]
+    fn batches_equal_one_image_at_a_time_and_keep_failures_in_place() {
+        let a = gradient(40, 40);
+        let b = gradient(32, 32);
+        let gray = vec![7u8; 16 * 16];
+        let imgs = [
+            ImageView::new(&a, 40, 40, 3).unwrap(),
+            ImageView::new(&gray, 16, 16, 1).unwrap(),
+            ImageView::new(&b, 32, 32, 3).unwrap(),
+        ];
+        let res = encode_patches(&imgs, 32, Format::Png, 90);
+        assert_eq!(res.len(), 3);
+        assert_eq!(
+            res[0].as_ref().unwrap(),
+            &encode_patch(&a, 40, 40, 32, Format::Png, 90).unwrap()
+        );
+        assert!(matches!(res[1], Err(CoreError::InvalidArgument(_))));
+        assert_eq!(
+            res[2].as_ref().unwrap(),
+            &encode(&b, 32, 32, Format::Png, 90).unwrap()
+        );
+        let regions = encode_regions(&imgs, 32, 16, Format::Png, 90);
+        assert_eq!(
+            regions[2].as_ref().unwrap(),
+            &encode_region(&b, 32, 32, 32, 16, Format::Png, 90).unwrap()
+        );
+        assert_eq!(regions[0].as_ref().unwrap().len(), 5);
+        assert!(regions[1].is_err());
+        assert!(encode_patches(&imgs[..1], 0, Format::Jpeg, 90)[0].is_err());
     }
 }

@@ -14,11 +14,13 @@
 //! failure for a loader); a bad box, D4 code, size or output buffer gives
 //! [`CoreError::InvalidArgument`] (a caller bug).
 
+use std::cell::RefCell;
 use std::io::Cursor;
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use libjpeg_turbo_rs::PixelFormat;
+use rayon::prelude::*;
 
 use crate::error::{invalid, CoreError, Result};
 
@@ -688,6 +690,130 @@ pub fn decode_views(data: &[u8], groups: &[ViewGroup<'_>]) -> Result<Vec<Vec<u8>
     Ok(out)
 }
 
+/// [`image_info`] for a batch, in parallel on rayon's current pool; one outcome per image.
+pub fn image_infos(data: &[&[u8]]) -> Vec<Result<(u32, u32)>> {
+    data.par_iter()
+        .with_min_len(16)
+        .map(|d| image_info(d))
+        .collect()
+}
+
+/// Per-thread decode buffers above this size are freed after use (a 2048 x 2048 RGB image
+/// fits; a whole-slide-sized one is not kept alive in every pool thread).
+pub const KEEP_DECODER_BYTES: usize = 16 << 20;
+
+thread_local! {
+    /// Per pool thread: decoded pixels, scratch and resizer buffers, reused across calls.
+    static DECODER: RefCell<ViewDecoder> = RefCell::new(ViewDecoder::new());
+}
+
+/// One group of views for a whole batch: `views` boxes and D4 codes per image, image-major
+/// (`boxes[i * views + v]`), every view `size x size`.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchGroup<'a> {
+    /// `N * views` source boxes `[x0, y0, w, h]`.
+    pub boxes: &'a [[f32; 4]],
+    /// `N * views` D4 codes.
+    pub d4: &'a [u8],
+    /// Views per image.
+    pub views: usize,
+    /// Output side of every view (> 0).
+    pub size: usize,
+}
+
+impl BatchGroup<'_> {
+    /// Output bytes per image: `views * size * size * 3`.
+    pub fn image_len(&self) -> usize {
+        self.views * self.size * self.size * 3
+    }
+
+    fn of_image(&self, i: usize) -> ViewGroup<'_> {
+        let v = self.views;
+        ViewGroup {
+            boxes: &self.boxes[i * v..(i + 1) * v],
+            d4: &self.d4[i * v..(i + 1) * v],
+            size: self.size,
+        }
+    }
+}
+
+/// Decodes every image of a batch once, in parallel on rayon's current pool (one reusable
+/// [`ViewDecoder`] per pool thread), and writes group `g`'s views of image `i` into
+/// `outs[g][i * groups[g].image_len()..]`, i.e. each `outs[g]` is an `(N, V_g, S_g, S_g, 3)`
+/// buffer. Returns one outcome per image; a failed image's views are zeros. Inconsistent
+/// groups or buffers are an error of the whole call, found before anything is decoded.
+pub fn decode_views_batch(
+    data: &[&[u8]],
+    groups: &[BatchGroup<'_>],
+    outs: &mut [&mut [u8]],
+) -> Result<Vec<Result<()>>> {
+    let n = data.len();
+    if outs.len() != groups.len() {
+        return Err(invalid(format!(
+            "{} view groups but {} output buffers",
+            groups.len(),
+            outs.len()
+        )));
+    }
+    for (g, (grp, out)) in groups.iter().zip(outs.iter()).enumerate() {
+        if grp.boxes.len() != n * grp.views || grp.d4.len() != n * grp.views {
+            return Err(invalid(format!(
+                "view group {g}: {} boxes and {} D4 codes for {n} images of {} views",
+                grp.boxes.len(),
+                grp.d4.len(),
+                grp.views
+            )));
+        }
+        if out.len() != n * grp.image_len() {
+            return Err(invalid(format!(
+                "view group {g}: output buffer of {} bytes, expected {}",
+                out.len(),
+                n * grp.image_len()
+            )));
+        }
+    }
+    let whole: Vec<ViewGroup<'_>> = groups
+        .iter()
+        .map(|g| ViewGroup {
+            boxes: g.boxes,
+            d4: g.d4,
+            size: g.size,
+        })
+        .collect();
+    check_groups(&whole)?;
+    // Per image, its slice of every group's buffer.
+    let mut per_image: Vec<Vec<&mut [u8]>> =
+        (0..n).map(|_| Vec::with_capacity(groups.len())).collect();
+    for (grp, out) in groups.iter().zip(outs.iter_mut()) {
+        let stride = grp.image_len();
+        if stride == 0 {
+            per_image.iter_mut().for_each(|p| p.push(&mut []));
+        } else {
+            for (p, chunk) in per_image.iter_mut().zip(out.chunks_exact_mut(stride)) {
+                p.push(chunk);
+            }
+        }
+    }
+    Ok(per_image
+        .par_iter_mut()
+        .zip(data.par_iter())
+        .enumerate()
+        .map(|(i, (out, bytes))| {
+            let image_groups: Vec<ViewGroup<'_>> = groups.iter().map(|g| g.of_image(i)).collect();
+            let r = DECODER.with(|d| {
+                let mut d = d.borrow_mut();
+                let r = d.decode_into(bytes, &image_groups, out);
+                d.shrink_to(KEEP_DECODER_BYTES);
+                r
+            });
+            if r.is_err() {
+                out.iter_mut().for_each(|o| o.fill(0));
+            }
+            r
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1187,5 +1313,74 @@ mod tests {
             ViewDecoder::new().decode_into(&jpeg, &groups, &mut []),
             Err(CoreError::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn batch_decode_equals_one_image_at_a_time_and_zeroes_failures() {
+        let rgb = real_patch(64, 48);
+        let jpg = encode_rgb(&rgb, 64, 48, 90).unwrap();
+        let mut bad = jpg.clone();
+        bad.truncate(jpg.len() / 2);
+        let data: Vec<&[u8]> = vec![&jpg, &bad, &jpg];
+        // two groups: 2 views of 16 px, 1 view of 24 px per image
+        let boxes_a: Vec<[f32; 4]> = (0..3)
+            .flat_map(|i| [[0.0, 0.0, 32.0, 32.0], [10.5, 4.0, 40.0 - i as f32, 30.0]])
+            .collect();
+        let d4_a: Vec<u8> = vec![0, 5, 3, 1, 2, 7];
+        let boxes_b: Vec<[f32; 4]> = vec![[1.0, 2.0, 60.0, 44.0]; 3];
+        let d4_b: Vec<u8> = vec![6, 0, 4];
+        let groups = [
+            BatchGroup {
+                boxes: &boxes_a,
+                d4: &d4_a,
+                views: 2,
+                size: 16,
+            },
+            BatchGroup {
+                boxes: &boxes_b,
+                d4: &d4_b,
+                views: 1,
+                size: 24,
+            },
+        ];
+        let mut a = vec![1u8; 3 * groups[0].image_len()];
+        let mut b = vec![1u8; 3 * groups[1].image_len()];
+        let res = {
+            let mut outs: Vec<&mut [u8]> = vec![&mut a, &mut b];
+            decode_views_batch(&data, &groups, &mut outs).unwrap()
+        };
+        assert!(res[0].is_ok() && res[2].is_ok());
+        assert!(matches!(res[1], Err(CoreError::Corrupt(_))));
+        for i in [0usize, 2] {
+            let one = decode_views(&jpg, &[groups[0].of_image(i), groups[1].of_image(i)]).unwrap();
+            let (la, lb) = (groups[0].image_len(), groups[1].image_len());
+            assert_eq!(&a[i * la..(i + 1) * la], one[0].as_slice());
+            assert_eq!(&b[i * lb..(i + 1) * lb], one[1].as_slice());
+        }
+        let (la, lb) = (groups[0].image_len(), groups[1].image_len());
+        assert!(a[la..2 * la].iter().all(|&v| v == 0));
+        assert!(b[lb..2 * lb].iter().all(|&v| v == 0));
+        // inconsistent buffers: an error of the call, nothing decoded
+        let mut short = vec![0u8; 10];
+        let mut outs: Vec<&mut [u8]> = vec![&mut short, &mut b];
+        assert!(decode_views_batch(&data, &groups, &mut outs).is_err());
+    }
+
+    #[test]
+    fn batch_image_infos_keep_order() {
+        let rgb = real_patch(40, 24);
+        let jpg = encode_rgb(&rgb, 40, 24, 90).unwrap();
+        let junk = b"not an image".to_vec();
+        let data: Vec<&[u8]> = (0..40)
+            .map(|i| if i % 7 == 3 { &junk[..] } else { &jpg[..] })
+            .collect();
+        let res = image_infos(&data);
+        for (i, r) in res.iter().enumerate() {
+            if i % 7 == 3 {
+                assert!(r.is_err());
+            } else {
+                assert_eq!(r.as_ref().unwrap(), &(40, 24));
+            }
+        }
     }
 }
