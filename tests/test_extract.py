@@ -332,9 +332,12 @@ def test_norm_default_follows_pretrained_cfg_and_weights_metadata(
     assert attrs["norm"] == "pretrained_cfg" and attrs["weights"] == "timm-pretrained"
     np.testing.assert_allclose(feats, reference(pixels, mean=half, std=half, module=model),
                                atol=1e-5)  # fmt: skip
-    # --norm imagenet still forces ImageNet's (a new setting: the slide is recomputed)
-    assert run_cli("extract", sample_shards, "--arch", ARCH, "--pretrained", "--out", out,
-                   "--norm", "imagenet", "-q") == 0  # fmt: skip
+    # --norm imagenet still forces ImageNet's (a new setting: refused in the same folder,
+    # recomputed with --overwrite)
+    args = ("extract", sample_shards, "--arch", ARCH, "--pretrained", "--out", out, "--norm",
+            "imagenet", "-q")  # fmt: skip
+    assert run_cli(*args) == 2
+    assert run_cli(*args, "--overwrite") == 0
     feats, _, attrs = read_h5(out / "features" / "cmu_small_region.h5")
     np.testing.assert_allclose(attrs["mean"], IMAGENET_MEAN)
     assert attrs["norm"] == "imagenet"

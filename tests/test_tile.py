@@ -201,18 +201,21 @@ def test_pen_ink_is_excluded(tmp_path: Path, ink_path: Path) -> None:
 
 
 def test_bring_your_own_masks(tmp_path: Path, cmu_path: Path, cmu_run: Path) -> None:
-    # PNG: the mask of a previous run gives back the same coordinates.
+    # PNG: the mask of a previous run gives back the same coordinates (as the tissue, or
+    # intersected with the detected tissue it came from).
     masks = tmp_path / "masks"
     masks.mkdir()
     shutil.copy(cmu_run / "masks" / "cmu_small_region.png", masks / "cmu_small_region.png")
-    out = tmp_path / "png"
-    assert run_cli("tile", cmu_path, "--mask", masks, "--out", out, "-q") == 0
-    with (
-        h5py.File(out / "coords/cmu_small_region.h5") as a,
-        h5py.File(cmu_run / "coords/cmu_small_region.h5") as b,
-    ):
-        assert np.array_equal(a["coords"][:], b["coords"][:])
-        assert a["coords"].attrs["mask_source"] == "png"
+    for mode, source in (("replace", "png"), ("intersect", "segmentation&png")):
+        out = tmp_path / f"png-{mode}"
+        args = ("--mask", masks, "--mask-mode", mode)
+        assert run_cli("tile", cmu_path, *args, "--out", out, "-q") == 0
+        with (
+            h5py.File(out / "coords/cmu_small_region.h5") as a,
+            h5py.File(cmu_run / "coords/cmu_small_region.h5") as b,
+        ):
+            assert np.array_equal(a["coords"][:], b["coords"][:])
+            assert a["coords"].attrs["mask_source"] == source
     # GeoJSON: one square of 1000x1000 level-0 px at (514, 514) with a hole.
     square = [[514, 514], [1514, 514], [1514, 1514], [514, 1514], [514, 514]]
     hole = [[900, 900], [1100, 900], [1100, 1100], [900, 1100], [900, 900]]
@@ -220,7 +223,8 @@ def test_bring_your_own_masks(tmp_path: Path, cmu_path: Path, cmu_run: Path) -> 
     gj = tmp_path / "roi.geojson"
     gj.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     out = tmp_path / "gj"
-    assert run_cli("tile", cmu_path, "--mask", gj, "--out", out, "-q", "--min-tissue", "0.99") == 0
+    args = ("--mask-mode", "replace", "--min-tissue", "0.99")  # the square is the tissue
+    assert run_cli("tile", cmu_path, "--mask", gj, "--out", out, "-q", *args) == 0
     with h5py.File(out / "coords/cmu_small_region.h5") as f:
         coords = f["coords"][:]
         frac = f["tissue_fraction"][:]

@@ -62,9 +62,13 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
         "--slide-mpp",
         type=float,
         default=S,
-        help="microns per pixel of the slides, overriding missing or implausible file values",
+        help="microns per pixel for slides whose file has none or an implausible one (outside "
+        "0.05-20); slides with a plausible file value keep it",
     )
-    a("--slide-mpp-csv", default=S, help="CSV with columns slide,mpp (per-slide override)")
+    a("--force-slide-mpp", type=float, default=S,
+      help="microns per pixel for every slide, replacing what the files say")  # fmt: skip
+    a("--slide-mpp-csv", default=S,
+      help="CSV with columns slide,mpp: per-slide values, used instead of the file's")  # fmt: skip
     a(
         "--preset",
         default=S,
@@ -101,6 +105,9 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
         default=S,
         help="your own mask: a PNG/GeoJSON file, or a folder with <slide>.png/.geojson",
     )
+    b("--mask-mode", choices=["intersect", "replace"], default=S,
+      help="intersect (default): only patches that both the tissue detector and --mask keep; "
+      "replace: --mask is the tissue (no detection)")  # fmt: skip
     q = p.add_argument_group("patch grid")
     c = q.add_argument
     c("--patch", type=int, default=S, help="patch side in pixels at --mpp (default 256)")
@@ -172,7 +179,12 @@ def _tile_parser(sub: Any) -> argparse.ArgumentParser:
         help="parallel slide processes (0: automatic: 1 below 16 slides, else one per core, <= 8)",
     )
     d("--threads", type=int, default=S, help="Rust threads per process (0: automatic)")
-    _bool_flag(r, "overwrite", "redo slides whose coords/<slide>.h5 exists")  # type: ignore[arg-type]
+    _bool_flag(
+        r,
+        "overwrite",
+        "redo slides whose coords/<slide>.h5 exists (needed to re-run "  # type: ignore[arg-type]
+        "a finished --out with options that change its outputs)",
+    )
     j = p.add_argument_group("many jobs / a cluster (one shared --out job folder)")
     k = j.add_argument
     k("--part", default=S, metavar="I/N|auto",
@@ -237,7 +249,12 @@ def _extract_parser(sub: Any) -> argparse.ArgumentParser:
     a("--out", "-o", default=S, help="output folder (default: pathflow_out)")
     a("--features-dir", default=S, help="sub-folder of --out for the files (default features)")
     a("--format", choices=["h5", "pt"], default=S, help="h5 (default) or pt (CLAM pt_files)")
-    _bool_flag(p, "overwrite", "redo slides whose features file exists")
+    _bool_flag(
+        p,
+        "overwrite",
+        "redo slides whose features file exists (needed to re-run a "
+        "features folder with options that change the features)",
+    )
     hg = p.add_argument_group("HIPT regions (input: pathflow tile --shards --region R "
                               "--region-patches)")  # fmt: skip
     h = hg.add_argument
@@ -308,6 +325,13 @@ def _eval_parser(sub: Any) -> argparse.ArgumentParser:
         a("--test-fraction", type=float, default=S, help="test share of DATA (default 0.2)")
         a("--seed", type=int, default=S, help="split / subsample / t-SNE seed (default 0)")
         a("--max-per-class", type=int, default=S, help="use at most N images per class")
+        a("--group-by", choices=["auto", "slide", "patient", "none"], default=S,
+          help="split DATA keeping each slide's (patient's) images on one side; auto "
+          "(default): by slide when every image's slide is known (--groups, <stem>.json, "
+          "pathflow's <slide>_<x>_<y> names), else at random with a warning")  # fmt: skip
+        a("--groups", default=S, metavar="CSV",
+          help="CSV with columns file (path under DATA, name or stem) and slide and/or "
+          "patient")  # fmt: skip
         a("--out", "-o", default=S, help="output folder (default pathflow_eval)")
         _bool_flag(m, "plot", "t-SNE plot of the test embedding (default on; --no-plot)")
         a("--plot-points", type=int, default=S, help="max points in the plot (default 5000)")

@@ -37,6 +37,11 @@ class CorruptSlideError(SlideError):
     """The file is recognised but truncated or damaged."""
 
 
+class CorruptShardError(PathflowError):
+    """A WebDataset shard is truncated or does not match its index (``.idx``, ``shards.json``).
+    The message names the file and the problem."""
+
+
 class MissingMppError(SlideError):
     """The slide has no plausible microns-per-pixel value and none was given."""
 
@@ -56,6 +61,7 @@ class SampleDataError(PathflowError):
 __all__ = [
     "BackendUnavailableError",
     "ConfigError",
+    "CorruptShardError",
     "CorruptSlideError",
     "InvalidArgumentError",
     "MaskError",

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,3 +177,45 @@ def grid_coords(
     )
     fractions = _core.tissue_fractions(coords, patch0, seg.mask, seg.scale[0], seg.scale[1])
     return coords, fractions
+
+
+def intersect_grid(
+    slide: SlideReader,
+    detected: TissueSegmentation,
+    drawn: TissueSegmentation,
+    params: GridParams,
+    slide_mpp: float,
+) -> PatchGrid:
+    """``--mask-mode intersect``: the patches of the detected tissue that a drawn mask keeps.
+
+    * ``min_tissue``: the fraction of each footprint covered by detected AND drawn tissue
+      (``detected.mask`` must already be that intersection, see
+      :func:`pathflow.tissue.intersect_masks`);
+    * ``slide`` layout: the patches that pass the contour test of both (both grids are
+      anchored at the slide origin, so a patch of one is a patch of the other);
+    * ``clam`` layout (grids anchored per contour): the detector's patches whose centre lies
+      inside the drawn mask.
+    """
+    grid = patch_grid(slide, detected, params, slide_mpp)
+    if params.min_tissue is not None or not len(grid):
+        return grid
+    if params.layout == "slide":
+        other = patch_grid(slide, drawn, params, slide_mpp).coords
+        keep = np.isin(_key(grid.coords), _key(other))
+    else:
+        half = grid.patch_size_level0 / 2.0
+        mh, mw = drawn.mask.shape[:2]
+        cx = ((grid.coords[:, 0] + half) / drawn.scale[0]).astype(np.int64).clip(0, mw - 1)
+        cy = ((grid.coords[:, 1] + half) / drawn.scale[1]).astype(np.int64).clip(0, mh - 1)
+        keep = drawn.mask[cy, cx] > 0
+    return dataclasses.replace(
+        grid,
+        coords=np.ascontiguousarray(grid.coords[keep]),
+        tissue_fraction=np.ascontiguousarray(grid.tissue_fraction[keep]),
+    )
+
+
+def _key(coords: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """One int64 per (x, y) level-0 corner (x, y < 2**31)."""
+    c = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    return (c[:, 1] << 32) | (c[:, 0] & 0xFFFFFFFF)

@@ -372,6 +372,30 @@ def mask_from_geojson(
     )
 
 
+def resample_mask(mask: npt.NDArray[np.uint8], shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """A whole-slide mask resampled (nearest neighbour) to ``shape`` (rows, columns)."""
+    if mask.shape[:2] == tuple(shape):
+        return mask
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0], mask.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1], mask.shape[1] - 1)
+    return np.ascontiguousarray(mask[rows.astype(np.intp)[:, None], cols.astype(np.intp)[None, :]])
+
+
+def intersect_masks(detected: TissueSegmentation, drawn: TissueSegmentation) -> TissueSegmentation:
+    """``--mask-mode intersect``: the detected tissue inside a drawn mask (PNG or GeoJSON).
+
+    The result keeps the detector's contours, level and scale; its ``mask`` (written as
+    ``masks/<slide>.png``, used for areas and tissue fractions) is the detector's mask AND the
+    drawn one resampled to it; ``source`` is e.g. ``"segmentation&geojson"``.
+    """
+    inside = resample_mask(drawn.mask, detected.mask.shape[:2]) > 0
+    mask = np.where(inside, detected.mask, 0).astype(np.uint8)
+    info = {**detected.info, **{k: v for k, v in drawn.info.items() if k == "mask_file"}}
+    return dataclasses.replace(
+        detected, mask=mask, source=f"{detected.source}&{drawn.source}", info=info
+    )
+
+
 def _geometries(doc: Any) -> list[dict[str, Any]]:
     if isinstance(doc, list):
         return [g for d in doc for g in _geometries(d)]

@@ -155,9 +155,11 @@ def test_shuffle_buffer_is_a_local_permutation() -> None:
 
 
 def test_truncated_shard_read_is_a_clear_error(tmp_path: Path, sample_shards: Path) -> None:
+    """Truncated after the ShardSet opened (opening checks the size: test_shard_faults.py)."""
     data = (sample_shards / "shard-000000.tar").read_bytes()
-    (tmp_path / "shard-000000.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "shard-000000.tar").write_bytes(data)
     (tmp_path / "shard-000000.idx").write_bytes((sample_shards / "shard-000000.idx").read_bytes())
     ss = ShardSet([tmp_path / "shard-000000.tar"])
+    (tmp_path / "shard-000000.tar").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match="truncated"):
         ss.read(np.array([42]))

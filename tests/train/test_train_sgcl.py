@@ -152,7 +152,7 @@ def test_loss_terms_by_hand() -> None:
         torch.from_numpy(ok), tau,
     )  # fmt: skip
 
-    inst = spa = sem = 0.0
+    inst = spa = sem = sem_mean = 0.0
     for i in range(b):
         s = np.exp(bank @ q[i] / tau)
         neg = sum(s[j] for j, good in zip(negatives[i], ok[i], strict=True) if good)
@@ -161,11 +161,18 @@ def test_loss_terms_by_hand() -> None:
         if pos:
             spa += -math.log(sum(pos) / (sum(pos) + neg))
         fr = [s[j] / (s[j] + neg) for j in range(n) if semantic[i, j]]
-        if fr:
-            sem += -math.log(sum(fr) / len(fr))
+        if fr:  # SpatialCL: the fractions summed inside the log
+            sem += -math.log(sum(fr))
+            sem_mean += -math.log(sum(fr) / len(fr))
     assert float(terms.instance.detach()) == pytest.approx(inst / b, rel=1e-5)
     assert float(terms.spatial.detach()) == pytest.approx(spa / b, rel=1e-5)
     assert float(terms.semantic.detach()) == pytest.approx(sem / b, rel=1e-5)
+    mean = sgcl_terms(
+        qt, torch.from_numpy(anchor), torch.from_numpy(bank).float(),
+        torch.from_numpy(spatial), torch.from_numpy(semantic), torch.from_numpy(negatives),
+        torch.from_numpy(ok), tau, "mean",
+    )  # fmt: skip
+    assert float(mean.semantic.detach()) == pytest.approx(sem_mean / b, rel=1e-5)
     assert float(terms.spatial_positives) == pytest.approx(1.0)
     assert float(terms.semantic_positives) == pytest.approx(4 / 3)
     # anchors without positives add nothing, also to the gradient (no NaN from log 0)

@@ -154,11 +154,14 @@ def build_raw_batch(
     positives: str = "augment",
     neighbours: NeighbourIndex | None = None,
 ) -> RawBatch | None:
-    """Read one batch, replace corrupt images, and draw its view parameters.
+    """Read one batch, replace corrupt samples, and draw its view parameters.
 
-    A corrupt image (bad header, truncated, not JPEG/PNG) is logged, counted in ``skipped``
-    and replaced by the next valid sample of the same batch, so batch shapes never change.
-    Returns None only if no image of the batch is valid.
+    A corrupt image (bad header, truncated, not JPEG/PNG) or corrupt metadata (a ``.json``
+    that is not JSON, lacks slide/x/y in pathflow's shards, or holds a non-integer position:
+    :func:`~pathflow.data.shardset.parse_meta`) is logged, counted in ``skipped`` and
+    replaced by the next valid sample of the same batch, so batch shapes never change and no
+    sample reaches training with a made-up slide or position. Returns None only if no sample
+    of the batch is valid.
 
     ``positives="neighbour"`` also reads, for every anchor, a partner drawn from its spatial
     neighbours (``neighbours.draw``), ``"scale"`` the anchor's entry at another magnification
@@ -169,12 +172,22 @@ def build_raw_batch(
 
     images, metas = shardset.read(indices)
     sizes, errors = _core.image_info(images)
-    bad = [i for i, e in enumerate(errors) if e is not None]
+    bad_meta = {i: str(m["error"]) for i, m in enumerate(metas) if m.get("error")}
+    bad = [i for i, e in enumerate(errors) if e is not None or i in bad_meta]
     skipped: list[str] = []
     if bad:
-        good = [i for i, e in enumerate(errors) if e is None]
+        good = [i for i, e in enumerate(errors) if e is None and i not in bad_meta]
         for i in bad:
-            log.warning("skipping corrupt image %s: %s", metas[i]["key"], errors[i])
+            if errors[i] is not None:
+                log.warning("skipping corrupt image %s: %s", metas[i]["key"], errors[i])
+            else:
+                shard = shardset.shards[int(shardset.locate(indices[i : i + 1])[0][0])].path
+                log.warning(
+                    "skipping sample %s of %s: corrupt metadata: %s",
+                    metas[i]["key"],
+                    shard,
+                    bad_meta[i],
+                )
             skipped.append(str(metas[i]["key"]))
         if not good:
             return None
@@ -290,7 +303,7 @@ class Loader(EpochPosition):
     """Iterable over :class:`~pathflow.data.batch.Batch` es; see :func:`make_loader`.
 
     ``stats`` (cumulative over the batches yielded, kept across :meth:`load_state_dict`):
-    ``samples``, ``batches``, ``skipped`` (corrupt images replaced), ``no_partner``
+    ``samples``, ``batches``, ``skipped`` (corrupt images or metadata replaced), ``no_partner``
     (with positive pairs: anchors paired with themselves, having no neighbour within the
     radius or no other magnification), and ``slides_per_batch_mean`` /
     ``slides_per_batch_min``, the mean and minimum number of distinct ``meta["slide"]``
@@ -468,12 +481,17 @@ def _worker_context() -> str | None:
 
 
 def _worker_init(_: int) -> None:
+    import signal
+
     import torch
 
     from pathflow import _core
 
     torch.set_num_threads(1)
     _core.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the main process checkpoints and stops the
+    # workers itself, a worker that died of it would end the run with a traceback instead
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(

@@ -114,7 +114,9 @@ def _no_coords(ss: ShardSet, i: int) -> ValueError:
 
 def _from_keys(ss: ShardSet) -> tuple[I64, list[str], I64, I64, dict[int, int]] | None:
     """Slide codes and positions parsed from ``<slide key>_<x>_<y>`` keys, checked against one
-    ``.json`` per slide; None when the keys do not carry them."""
+    ``.json`` per slide (its first sample with a readable one: a corrupt ``.json``, which the
+    loader skips, does not hide its slide's positions); None when the keys do not carry
+    them."""
     prefixes: dict[str, int] = {}
     codes, xs, ys = [], [], []
     for sh in ss.shards:
@@ -126,11 +128,14 @@ def _from_keys(ss: ShardSet) -> tuple[I64, list[str], I64, I64, dict[int, int]] 
             xs.append(int(m.group(2)))
             ys.append(int(m.group(3)))
     code = np.asarray(codes, dtype=np.int64)
-    _, first = np.unique(code, return_index=True)  # first sample of each prefix (code order)
+    order = np.argsort(code, kind="stable")  # the samples of each prefix, in shard order
+    bounds = np.searchsorted(code[order], np.arange(len(prefixes) + 1))
     names: list[str] = []
     size0: dict[int, int] = {}
-    for c, i in enumerate(first.tolist()):
-        meta = ss.read_json(i)
+    for c in range(len(prefixes)):
+        members = order[bounds[c] : bounds[c + 1]].tolist()
+        # read_json gives {} for a missing or corrupt .json: try the prefix's next sample
+        i, meta = next(((j, d) for j in members if (d := ss.read_json(j))), (members[0], {}))
         if meta.get("x") != xs[i] or meta.get("y") != ys[i] or "slide" not in meta:
             return None
         names.append(str(meta["slide"]))

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pathflow.exceptions import CorruptShardError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_MODES = ("permutation", "buffer")
 I64 = npt.NDArray[np.int64]
@@ -141,18 +143,70 @@ def read_dali_index(tar: Path, idx: Path) -> ShardIndex:
 
 
 def scan_tar(tar: Path) -> ShardIndex:
-    """Index a tar by reading its member headers (for WebDatasets without ``.idx``)."""
+    """Index a tar by reading its member headers (for WebDatasets without ``.idx``).
+
+    Raises :class:`~pathflow.exceptions.CorruptShardError` when the headers cannot be read
+    (a damaged or truncated tar)."""
     records = []
-    with tarfile.open(tar, "r:") as tf:
-        for m in tf:
-            if m.isfile():
-                key, ext = _split_key(m.name)
-                records.append((key, ext, m.offset_data, m.size))
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            for m in tf:
+                if m.isfile():
+                    key, ext = _split_key(m.name)
+                    records.append((key, ext, m.offset_data, m.size))
+    except tarfile.TarError as exc:
+        raise CorruptShardError(f"{tar}: not a readable tar shard ({exc})") from None
     return _from_records(tar, records)
 
 
-def _shard_paths(source: str | Path | Sequence[str | Path]) -> tuple[list[Path], bool | None]:
-    """The tars of ``source`` and the ``shuffled`` flag of its ``shards.json`` (None: none)."""
+def index_extent(sh: ShardIndex) -> int:
+    """The byte just past the last entry the index of ``sh`` points at: the shard's tar must
+    be at least this long.
+
+    Example:
+        >>> z = np.zeros(1, np.int64)
+        >>> sh = ShardIndex(Path("a.tar"), ["k"], z + 512, z + 100, z + 1024, z + 30, z - 1, z)
+        >>> index_extent(sh)
+        1054
+    """
+    end = 0
+    pairs = [(sh.img_off, sh.img_size), (sh.meta_off, sh.meta_size), (sh.cls_off, sh.cls_size)]
+    for off, size in [*pairs, *sh.scales.values()]:
+        present = off >= 0
+        if present.any():
+            end = max(end, int((off[present] + size[present]).max()))
+    return end
+
+
+def check_shard_size(sh: ShardIndex, size: int, expected: int | None = None) -> None:
+    """Raise :class:`~pathflow.exceptions.CorruptShardError` when the tar of ``sh`` (``size``
+    bytes, from ``os.stat``) is shorter than its index needs, or than ``expected`` (the
+    ``bytes`` that ``shards.json`` recorded when the shard was written)."""
+    if expected is not None and size < expected:
+        raise CorruptShardError(
+            f"{sh.path}: truncated: {size} bytes, shards.json recorded {expected}; copy or "
+            "write the shard again"
+        )
+    end = index_extent(sh)
+    if size < end:
+        raise CorruptShardError(
+            f"{sh.path}: truncated: {size} bytes, but its index points at samples up to byte "
+            f"{end}; copy or write the shard again"
+        )
+
+
+@dataclass
+class _Manifest:
+    """What a ``shards.json`` says: the tars, their recorded sizes, the ``shuffled`` flag."""
+
+    paths: list[Path]
+    sizes: list[int | None]
+    shuffled: bool | None
+    written_by_pathflow: bool
+
+
+def _shard_paths(source: str | Path | Sequence[str | Path]) -> _Manifest:
+    """The tars of ``source``, with what its ``shards.json`` (if any) says about them."""
     if isinstance(source, (str, Path)):
         p = Path(source)
         if p.is_dir():
@@ -161,17 +215,75 @@ def _shard_paths(source: str | Path | Sequence[str | Path]) -> tuple[list[Path],
                 info = json.loads(manifest.read_text())
                 shuffled = info.get("shuffled")
                 flag = bool(shuffled) if isinstance(shuffled, bool) else None
-                return [p / s["name"] for s in info["shards"]], flag
+                entries = info["shards"]
+                sizes = [
+                    int(s["bytes"]) if isinstance(s.get("bytes"), int) else None for s in entries
+                ]
+                return _Manifest([p / s["name"] for s in entries], sizes, flag, True)
             tars = sorted(p.glob("*.tar"))
             if not tars:
                 raise FileNotFoundError(f"{p}: no shards.json and no .tar shards")
-            return tars, None
+            return _Manifest(tars, [None] * len(tars), None, False)
         if p.name == "shards.json":
             return _shard_paths(p.parent)
         if p.suffix == ".tar":
-            return [p], None
+            return _Manifest([p], [None], None, False)
         raise FileNotFoundError(f"{p}: not a shard directory, shards.json or .tar")
-    return [Path(s) for s in source], None
+    paths = [Path(s) for s in source]
+    return _Manifest(paths, [None] * len(paths), None, False)
+
+
+#: Fields every sample ``.json`` written by ``pathflow tile --shards`` has.
+REQUIRED_META = ("slide", "x", "y")
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int (ints, integral floats, digit strings), None if it is none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def parse_meta(
+    raw: bytes | None, required: Sequence[str] = ()
+) -> tuple[dict[str, Any], str | None]:
+    """A sample's ``.json`` (None: it has none) and what is wrong with it (None: nothing).
+
+    Wrong: bytes that are not JSON, JSON that is not an object, ``x``/``y`` that are not
+    integers, a ``slide`` that is not a string or integer, a missing ``required`` field.
+
+    Example:
+        >>> parse_meta(b'{"slide": "s", "x": 0, "y": 256}', REQUIRED_META)[1] is None
+        True
+        >>> parse_meta(b"garbage")[1]
+        'the .json is not valid JSON (Expecting value: line 1 column 1 (char 0))'
+        >>> parse_meta(b'{"slide": "s", "x": 0}', REQUIRED_META)[1]
+        'the .json has no y'
+    """
+    if raw is None:
+        return {}, "the sample has no .json" if required else None
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        return {}, f"the .json is not valid JSON ({exc})"
+    if not isinstance(meta, dict):
+        return {}, f"the .json is a {type(meta).__name__}, not an object"
+    for name in required:
+        if name not in meta:
+            return meta, f"the .json has no {name}"
+    for name in ("x", "y"):
+        if name in meta and _as_int(meta[name]) is None:
+            return meta, f"the .json's {name} is {meta[name]!r}, not an integer"
+    slide = meta.get("slide")
+    if "slide" in meta and (not isinstance(slide, (str, int)) or isinstance(slide, bool)):
+        return meta, f"the .json's slide is {slide!r}, not a string"
+    return meta, None
 
 
 class ShardSet:
@@ -181,6 +293,11 @@ class ShardSet:
     --shards --shuffle`` interleaved the slides across shards, False when it wrote them one
     after another), or None when unknown (a plain WebDataset, a list of tars).
 
+    Opening checks every tar's size (``os.stat``, nothing is read) against its index and the
+    size ``shards.json`` recorded: a truncated shard raises
+    :class:`~pathflow.exceptions.CorruptShardError` naming it, before any training starts.
+    :meth:`read` flags samples whose ``.json`` is corrupt (:func:`parse_meta`).
+
     Example:
         >>> ss = ShardSet("out/shards")  # doctest: +SKIP
         >>> len(ss), ss.counts, ss.shuffled  # doctest: +SKIP
@@ -188,13 +305,19 @@ class ShardSet:
     """
 
     def __init__(self, source: str | Path | Sequence[str | Path]) -> None:
-        paths, self.shuffled = _shard_paths(source)
+        manifest = _shard_paths(source)
+        self.shuffled = manifest.shuffled
+        # every .json of pathflow's shards has slide, x and y: one without is corrupt
+        required = REQUIRED_META if manifest.written_by_pathflow else ()
+        self.required_meta: tuple[str, ...] = required
         self.shards: list[ShardIndex] = []
-        for tar in paths:
+        for tar, expected in zip(manifest.paths, manifest.sizes, strict=True):
             if not tar.is_file():
                 raise FileNotFoundError(f"{tar}: shard not found")
             idx = tar.with_suffix(".idx")
-            self.shards.append(read_dali_index(tar, idx) if idx.is_file() else scan_tar(tar))
+            sh = read_dali_index(tar, idx) if idx.is_file() else scan_tar(tar)
+            check_shard_size(sh, tar.stat().st_size, expected)  # truncated: fail now, by name
+            self.shards.append(sh)
         self.counts = np.asarray([len(s) for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         if self.counts.sum() == 0:
@@ -299,8 +422,11 @@ class ShardSet:
         return data
 
     def read(self, idx: npt.NDArray[np.int64]) -> tuple[list[bytes], list[dict[str, Any]]]:
-        """Encoded image bytes and metadata (key, slide, x, y, label, and ``index``, the
-        global sample index) of global samples."""
+        """Encoded image bytes and metadata (key, slide, x, y, label, ``index``, the global
+        sample index, and ``error``: what is wrong with the sample's ``.json``, see
+        :func:`parse_meta`, or None) of global samples. A sample with an ``error`` has the
+        defaults (slide = key, x = y = label = -1): the loader skips it like a corrupt
+        image."""
         idx = np.asarray(idx, dtype=np.int64)
         shards, local = self.locate(idx)
         images: list[bytes] = []
@@ -308,12 +434,14 @@ class ShardSet:
         for g, s, i in zip(idx.tolist(), shards.tolist(), local.tolist(), strict=False):
             sh = self.shards[s]
             images.append(self._pread(s, int(sh.img_off[i]), int(sh.img_size[i])))
-            meta: dict[str, Any] = {}
-            if sh.meta_off[i] >= 0:
-                try:
-                    meta = json.loads(self._pread(s, int(sh.meta_off[i]), int(sh.meta_size[i])))
-                except ValueError:
-                    meta = {}
+            raw = (
+                self._pread(s, int(sh.meta_off[i]), int(sh.meta_size[i]))
+                if sh.meta_off[i] >= 0
+                else None
+            )
+            meta, error = parse_meta(raw, self.required_meta)
+            if error is not None:
+                meta = {}
             label = meta.get("label", -1)
             if sh.cls_off[i] >= 0:
                 raw = self._pread(s, int(sh.cls_off[i]), int(sh.cls_size[i]))
@@ -327,11 +455,12 @@ class ShardSet:
                     "key": key,
                     "index": g,
                     "slide": str(meta.get("slide", Path(key).name)),
-                    "x": int(meta.get("x", -1)),
-                    "y": int(meta.get("y", -1)),
+                    "x": _as_int(meta.get("x", -1)),
+                    "y": _as_int(meta.get("y", -1)),
                     "label": int(label)
                     if isinstance(label, (int, float, str)) and str(label).lstrip("-").isdigit()
                     else -1,
+                    "error": error,
                 }
             )
         return images, metas

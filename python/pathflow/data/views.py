@@ -120,6 +120,10 @@ class ViewSpec:
     hed_sigma: float = 0.05
     randstain: float = 0.0  # probability of RandStainNA
     randstain_std_hyper: float = -0.3  # scales the spread of the fitted distribution by (1 + h)
+    # (x0, y0, w, h) as fractions of the image: the part the view is cut from (the crop is
+    # drawn within it; "full" takes all of it). A region of width w spans floor(w * W) pixels,
+    # at offset round(x0 / (1 - w) * (W - floor(w * W))): corners stay aligned to corners.
+    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.count < 1:
@@ -132,6 +136,11 @@ class ViewSpec:
             raise ValueError(f"view ratio must satisfy 0 < lo <= hi, got {self.ratio}")
         if not 0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+        x0, y0, rw, rh = self.region
+        if min(x0, y0) < 0 or min(rw, rh) <= 0 or x0 + rw > 1 or y0 + rh > 1:
+            raise ValueError(
+                f"view region (x0, y0, w, h) must lie within the image, got {self.region}"
+            )
         if self.blur_sigma[0] <= 0 or self.blur_sigma[1] < self.blur_sigma[0]:
             raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {self.blur_sigma}")
         for name in (
@@ -253,6 +262,26 @@ _PATH = ViewSpec(
 _PATH_G = replace(_PATH, count=1, scale=(0.4, 1.0))
 _PATH_LOCAL = replace(_PATH, size=96, count=8, scale=(0.05, 0.4))
 
+# SGCL's reference (HHHedo/SGCL, configs/selfsup/sslp): one view per patch (spatialcl.py:
+# RandomResizedCrop 224 of scale 0.2-1, grayscale 0.2, colour jitter 0.4 of all four always,
+# horizontal flip), and for multi-crop (npidsslpmcrop.py) four 96 px local crops more, one
+# from each corner crop of half the patch size (FiveCrop(128) of a 256 px patch), scale
+# 0.2-0.56 of the corner.
+_SGCL = ViewSpec(
+    size=224,
+    scale=(0.2, 1.0),
+    jitter=1.0,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.4,
+    hue=0.4,
+    grayscale=0.2,
+)
+_SGCL_QUADRANTS = tuple(
+    replace(_SGCL, size=96, scale=(0.2, 0.56), region=(x, y, 0.5, 0.5))
+    for x, y in ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5))
+)
+
 _PRESETS: dict[str, Callable[[], ViewsSpec]] = {
     "simclr": lambda: ViewsSpec((_SIMCLR,), name="simclr"),
     "byol": lambda: ViewsSpec((_BYOL_1, replace(_BYOL_1, blur=0.1, solarize=0.2)), name="byol"),
@@ -264,6 +293,8 @@ _PRESETS: dict[str, Callable[[], ViewsSpec]] = {
         (_PATH_G, replace(_PATH_G, blur=0.1), _PATH_LOCAL), name="pathology-dino"
     ),
     "eval": lambda: ViewsSpec((ViewSpec(size=224, crop="full", hflip=0.0),), name="eval"),
+    "sgcl": lambda: ViewsSpec((_SGCL,), name="sgcl"),
+    "sgcl-mcrop": lambda: ViewsSpec((_SGCL, *_SGCL_QUADRANTS), name="sgcl-mcrop"),
 }
 
 
@@ -280,8 +311,9 @@ def create_views(
     num_local: int | None = None,
 ) -> ViewsSpec:
     """A preset by name (``simclr``, ``byol``, ``dino``, ``pathology``, ``pathology-dino``,
-    ``eval``), optionally resized: ``global_size`` for the first groups' size, ``local_size``
-    and ``num_local`` for multi-crop's local group."""
+    ``eval``, ``sgcl``, ``sgcl-mcrop``), optionally resized: ``global_size`` for the first
+    groups' size, ``local_size`` and ``num_local`` for multi-crop's local group (local views
+    cut from fixed regions, as ``sgcl-mcrop``'s one per corner, keep their number)."""
     if isinstance(name, ViewsSpec):
         spec = name
     else:
@@ -290,6 +322,12 @@ def create_views(
         spec = _PRESETS[name]()
     groups = list(spec.groups)
     big = max(g.size for g in groups)
+    fixed = sum(g.count for g in groups if g.size < big and g.region != (0.0, 0.0, 1.0, 1.0))
+    if num_local is not None and fixed and num_local != fixed:
+        raise ValueError(
+            f"views {spec.name} cut their {fixed} local views from fixed regions of the "
+            f"image; their number is not changed (num_local {num_local})"
+        )
     for i, g in enumerate(groups):
         is_local = g.size < big
         if is_local and (local_size is not None or num_local is not None):
@@ -476,6 +514,29 @@ def _hed_matrices(
     return matrix, offset, apply
 
 
+def region_boxes(
+    region: tuple[float, float, float, float],
+    widths: npt.NDArray[Any],
+    heights: npt.NDArray[Any],
+) -> tuple[F32, F32, npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Offsets ``x``, ``y`` and sizes ``w``, ``h`` (pixels) of a view's ``region`` (fractions
+    ``(x0, y0, w, h)``, :class:`ViewSpec`) in images of the given sizes.
+
+    Example:
+        >>> ox, oy, w, h = region_boxes((0.5, 0, 0.5, 0.5), np.array([256, 257]), np.array([9, 9]))
+        >>> ox.tolist(), oy.tolist(), w.tolist(), h.tolist()
+        ([128.0, 129.0], [0.0, 0.0], [128, 128], [4, 4])
+    """
+    out = []
+    for pos, frac, size in ((region[0], region[2], widths), (region[1], region[3], heights)):
+        full = np.asarray(size, dtype=np.int64)
+        part = np.maximum(np.floor(full * frac + 1e-9).astype(np.int64), 1)
+        off = np.round(pos / (1.0 - frac) * (full - part)) if frac < 1 else np.zeros(len(full))
+        out.append((off.astype(np.float32), part))
+    (ox, w), (oy, h) = out
+    return ox, oy, w, h
+
+
 def sample_view_params(
     spec: ViewSpec,
     widths: npt.NDArray[Any],
@@ -485,12 +546,15 @@ def sample_view_params(
 ) -> ViewParams:
     """Draw one view's parameters for ``len(widths)`` samples of the given image sizes."""
     n = len(widths)
+    ox, oy, widths, heights = region_boxes(spec.region, widths, heights)
     if spec.crop == "full":
         box = np.zeros((n, 4), dtype=np.float32)
         box[:, 2] = widths
         box[:, 3] = heights
     else:
         box = random_resized_boxes(widths, heights, spec.scale, spec.ratio, rng)
+    box[:, 0] += ox
+    box[:, 1] += oy
     k = np.where(rng.random(n) < spec.rot90, rng.integers(1, 4, n), 0)
     hf = (rng.random(n) < spec.hflip).astype(np.int64)
     vf = (rng.random(n) < spec.vflip).astype(np.int64)

@@ -4,8 +4,8 @@
 Example:
     >>> from pathflow.evaluate.config import EvalConfig
     >>> cfg = EvalConfig(method="knn", data="NCT-CRC-HE-100K", arch="resnet50")
-    >>> cfg.k, cfg.temperature, cfg.test_fraction
-    (20, 0.07, 0.2)
+    >>> cfg.k, cfg.temperature, cfg.test_fraction, cfg.group_by
+    (20, 0.07, 0.2, 'auto')
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pathflow.evaluate.groups import GROUP_BY
 from pathflow.exceptions import ConfigError
 from pathflow.extract.config import ModelOptions, YamlConfig
 
@@ -33,6 +34,11 @@ class EvalConfig(ModelOptions, YamlConfig):
     test_fraction: float = 0.2
     seed: int = 0
     max_per_class: int | None = None
+    #: split DATA keeping each group's images on one side: auto (by slide where every
+    #: image's slide is known, else at random), slide, patient or none
+    #: (:mod:`pathflow.evaluate.groups`); ``groups``: CSV file -> slide/patient
+    group_by: str = "auto"
+    groups: str | None = None
     out: str = "pathflow_eval"
     # knn
     k: int = 20
@@ -68,10 +74,18 @@ class EvalConfig(ModelOptions, YamlConfig):
             raise ConfigError("--weight-decays needs one or more values >= 0")
         if self.max_per_class is not None and self.max_per_class < 1:
             raise ConfigError("--max-per-class must be >= 1")
+        if self.group_by not in GROUP_BY:
+            raise ConfigError(f"--group-by must be one of {', '.join(GROUP_BY)}, "
+                              f"got {self.group_by!r}")  # fmt: skip
+        if self.groups is not None and not Path(self.groups).is_file():
+            raise ConfigError(f"{self.groups}: groups file not found")
+        if self.groups is not None and self.group_by == "none":
+            raise ConfigError("--groups needs --group-by auto, slide or patient (not none)")
 
     def model_key(self) -> dict[str, Any]:
         """Fields that change the features (the cache key): the weights by content (sha256 of
-        the file; hashed on each call, so call it once per run)."""
+        the file; hashed on each call, so call it once per run), the resolved precision (bf16
+        autocast or fp32)."""
         from pathflow.outputs import sha256_file
 
         return {
@@ -81,4 +95,5 @@ class EvalConfig(ModelOptions, YamlConfig):
             "pretrained": self.pretrained,
             "image_size": self.image_size,
             "norm": self.norm,
+            "precision": self.resolved_precision(),
         }

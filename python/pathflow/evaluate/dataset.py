@@ -82,11 +82,13 @@ def scan_labelled(
     r = Path(root)
     if not r.is_dir():
         raise SourceError(f"{r}: not a folder (expected ROOT/<class>/<image>)")
-    found = {
-        d.name: imgs
-        for d in sorted(r.iterdir())
-        if d.is_dir() and not d.name.startswith(".") and (imgs := list_images(d))
-    }
+    found: dict[str, list[Path]] = {}
+    for d in sorted(r.iterdir()):
+        if d.is_dir() and not d.name.startswith("."):
+            if imgs := list_images(d):
+                found[d.name] = imgs
+            else:
+                log.warning("%s: empty class folder (no images), left out", d)
     if not found:
         raise SourceError(f"{r}: no class folders with images (expected ROOT/<class>/<image>)")
     if classes is None:

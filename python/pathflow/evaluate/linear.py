@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pathflow.evaluate.splits import stratified_split
+from pathflow.evaluate.splits import grouped_split, stratified_split
 
 log = logging.getLogger("pathflow.eval")
 
@@ -131,8 +132,11 @@ def train_linear_probe(
     n_classes: int,
     config: LinearProbeConfig | None = None,
     device: Any = None,
+    groups: Sequence[str] | None = None,
 ) -> LinearProbe:
-    """Sweep the weight decay on a validation split, refit on all of ``features``."""
+    """Sweep the weight decay on a validation split, refit on all of ``features``.
+    ``groups`` (a slide id per sample): the validation split keeps each group on one side
+    (:func:`grouped_split`) where it can, else it is random and stratified."""
     cfg = config or LinearProbeConfig()
     x = np.asarray(features, np.float32)
     y = np.asarray(labels, np.int64)
@@ -144,7 +148,8 @@ def train_linear_probe(
     sweep: list[dict[str, float]] = []
     best = decays[0]
     if len(decays) > 1:
-        tr, va = stratified_split(y, cfg.val_fraction, cfg.seed)
+        res = grouped_split(y, list(groups), cfg.val_fraction, cfg.seed) if groups else None
+        tr, va = res if res is not None else stratified_split(y, cfg.val_fraction, cfg.seed)
         if len(va) == 0 or len(np.unique(y[tr])) < 2:
             log.warning("linear probe: too few samples for a validation split; wd=%g", best)
         else:

@@ -213,11 +213,14 @@ def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:
         "metrics": metrics,
         "seconds": time.perf_counter() - t0,
     }
+    from pathflow.outputs import atomic_path
+
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["image,rank"] + [f"{_csv(str(q))},{r:g}" for q, r in zip(paths, ranks, strict=True)]
-    (out / "ranks.csv").write_text("\n".join(lines) + "\n")
+    for name, text in (("ranks.csv", "\n".join(lines) + "\n"),
+                       ("metrics.json", json.dumps(report, indent=1) + "\n")):  # fmt: skip
+        with atomic_path(out / name) as tmp:
+            tmp.write_text(text)
     log.info("retrieval top-1 %.3f on %d images -> %s", metrics["top1"], len(paths), out)
     return report
 

@@ -34,8 +34,10 @@ from pathflow.evaluate.dataset import (
     save_cache,
     scan_labelled,
 )
+from pathflow.evaluate.groups import ImageGroups, image_groups
 from pathflow.evaluate.metrics import ClassificationMetrics, classification_metrics
-from pathflow.evaluate.splits import stratified_split
+from pathflow.evaluate.splits import grouped_split, stratified_split
+from pathflow.exceptions import ConfigError
 from pathflow.extract.engine import Decoder
 from pathflow.outputs import atomic_path
 
@@ -83,7 +85,8 @@ class _LazyEmbedder:
 
             c = self.cfg
             bb = load_extractor(str(c.arch), c.weights, c.pretrained, c.image_size, c.norm,
-                                c.device, weights_sha256=self.weights_sha256)  # fmt: skip
+                                c.device, weights_sha256=self.weights_sha256,
+                                precision=c.precision, compile=c.compile)  # fmt: skip
             self._embedder = Embedder(bb, c.batch_size, c.workers, decoder=self.decoder)
         return self._embedder
 
@@ -114,23 +117,34 @@ def run_eval(
     model_key = cfg.model_key()  # hashes the weights file: once per run
     lazy = _LazyEmbedder(cfg, decoder, model_key["weights_sha256"])
     split: dict[str, Any]
+    train_groups: list[str] | None = None
     if cfg.data is not None:
         data = scan_labelled(cfg.data, max_per_class=cfg.max_per_class, seed=cfg.seed)
+        _need_two_classes(data.classes, cfg.data, cfg.method)
         allf, cached = _features("data", data, model_key, lazy, out, progress)
-        tr, te = stratified_split(allf.labels, cfg.test_fraction, cfg.seed)
+        groups = image_groups(cfg.data, allf.names, cfg.group_by, cfg.groups)
+        tr, te, split = _split(allf, groups, cfg)
         train, test = allf.subset(tr), allf.subset(te)
+        if groups is not None and split["kind"] == "grouped":
+            train_groups = [groups.values[i] for i in tr]
         skipped = allf.skipped
-        split = {"data": str(cfg.data), "test_fraction": cfg.test_fraction, "seed": cfg.seed}
     else:
         tr_data = scan_labelled(str(cfg.train), max_per_class=cfg.max_per_class, seed=cfg.seed)
+        _need_two_classes(tr_data.classes, str(cfg.train), cfg.method)
         te_data = scan_labelled(str(cfg.test), tr_data.classes, cfg.max_per_class, cfg.seed)
         train, c1 = _features("train", tr_data, model_key, lazy, out, progress)
         test, c2 = _features("test", te_data, model_key, lazy, out, progress)
         cached = c1 and c2
         skipped = train.skipped + test.skipped
-        split = {"train": str(cfg.train), "test": str(cfg.test)}
+        split = _given_split(train, test, cfg)
+        train_groups = split.pop("_train_groups", None)
     if len(train.labels) == 0 or len(test.labels) == 0:
         raise ValueError(f"empty split: {len(train.labels)} train, {len(test.labels)} test images")
+    present = sorted({train.classes[c] for c in np.unique(train.labels).tolist()})
+    if len(present) < 2:
+        raise ConfigError(f"{cfg.data or cfg.train}: the training images hold {len(present)} "
+                          f"class ({', '.join(present)}) once undecodable images are left "
+                          f"out; {cfg.method} needs at least two")  # fmt: skip
     classes = train.classes
     n_classes = len(classes)
     params: dict[str, Any]
@@ -146,7 +160,8 @@ def run_eval(
 
         pcfg = LinearProbeConfig(tuple(cfg.weight_decays), cfg.val_fraction, cfg.max_iter,
                                  cfg.seed)  # fmt: skip
-        probe = train_linear_probe(train.features, train.labels, n_classes, pcfg, _device(cfg))
+        probe = train_linear_probe(train.features, train.labels, n_classes, pcfg, _device(cfg),
+                                   groups=train_groups)  # fmt: skip
         scores = probe.predict_proba(test.features)
         pred = scores.argmax(1).astype(np.int64)
         params = {"weight_decay": probe.weight_decay, "sweep": probe.sweep,
@@ -175,6 +190,8 @@ def run_eval(
     plot_path = None
     if cfg.plot:
         plot_path = _plot(out, test, cfg, model_key, split, reuse=cached)
+    else:
+        _drop_stale_plot(out, _plot_key(test, cfg, model_key, split))
     return EvalResult(
         method=cfg.method,
         metrics=metrics,
@@ -186,6 +203,88 @@ def run_eval(
         seconds=time.perf_counter() - t0,
         params=params,
     )
+
+
+def _need_two_classes(classes: list[str], root: str, method: str) -> None:
+    """A one-class dataset scores 1.0 whatever the features: refused."""
+    if len(classes) < 2:
+        raise ConfigError(f"{root}: {len(classes)} class folder with images "
+                          f"({', '.join(classes)}); {method} needs at least two classes "
+                          "(ROOT/<class>/<image>)")  # fmt: skip
+
+
+def _split(
+    feats: LabelledFeatures, groups: ImageGroups | None, cfg: EvalConfig
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Train/test indices of DATA and their record for metrics.json: grouped (each slide or
+    patient on one side) when the groups are known, else random and stratified."""
+    info: dict[str, Any] = {"data": str(cfg.data), "test_fraction": cfg.test_fraction,
+                            "seed": cfg.seed, "group_by": cfg.group_by}  # fmt: skip
+    if groups is not None:
+        res = grouped_split(feats.labels, groups.values, cfg.test_fraction, cfg.seed)
+        if res is not None:
+            tr, te = res
+            g = np.asarray(groups.values)
+            info.update(kind="grouped", group_key=groups.key, group_source=groups.source,
+                        groups={"train": len(set(g[tr].tolist())),
+                                "test": len(set(g[te].tolist()))},
+                        shared_groups=0, test_groups=sorted(set(g[te].tolist())))  # fmt: skip
+            log.info("split by %s (%s): %d / %d %ss", groups.key, groups.source,
+                     info["groups"]["train"], info["groups"]["test"], groups.key)  # fmt: skip
+            return tr, te, info
+        why = _ungroupable(feats, groups)
+        if cfg.group_by != "auto":
+            raise ConfigError(
+                f"{cfg.data}: cannot split by {groups.key} with every class on both sides "
+                f"({why}); use --group-by none for a random split"
+            )
+        log.warning("%s: cannot split by %s with every class on both sides (%s): random split, "
+                    "patches of one %s are on both sides", cfg.data, groups.key, why,
+                    groups.key)  # fmt: skip
+        info["reason"] = f"cannot split by {groups.key}: {why}"
+    else:
+        info["reason"] = ("--group-by none" if cfg.group_by == "none"
+                          else "no slide id for every image")  # fmt: skip
+    tr, te = stratified_split(feats.labels, cfg.test_fraction, cfg.seed)
+    info.update(kind="random", group_key=None, groups=None)
+    if groups is not None:
+        g = np.asarray(groups.values)
+        info["group_key"] = groups.key
+        info["shared_groups"] = len(set(g[tr].tolist()) & set(g[te].tolist()))
+    return tr, te, info
+
+
+def _ungroupable(feats: LabelledFeatures, groups: ImageGroups) -> str:
+    g = np.asarray(groups.values)
+    one = [feats.classes[c] for c in np.unique(feats.labels).tolist()
+           if len(set(g[feats.labels == c].tolist())) < 2]  # fmt: skip
+    if one:
+        return (
+            f"class(es) {', '.join(one)} come from one {groups.key} only; "
+            f"{groups.count()} {groups.key}(s) in all"
+        )
+    return f"no fold of the {groups.count()} {groups.key}(s) holds every class on both sides"
+
+
+def _given_split(
+    train: LabelledFeatures, test: LabelledFeatures, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Record of a --train/--test split; a warning when a slide is on both sides."""
+    info: dict[str, Any] = {"kind": "given", "train": str(cfg.train), "test": str(cfg.test),
+                            "group_by": cfg.group_by, "group_key": None,
+                            "groups": None}  # fmt: skip
+    gtr = image_groups(str(cfg.train), train.names, cfg.group_by, cfg.groups, warn=False)
+    gte = image_groups(str(cfg.test), test.names, cfg.group_by, cfg.groups, warn=False)
+    if gtr is None or gte is None:
+        return info
+    shared = sorted(set(gtr.values) & set(gte.values))
+    info.update(group_key=gtr.key, group_source=gtr.source, shared_groups=len(shared),
+                groups={"train": gtr.count(), "test": gte.count()},
+                _train_groups=gtr.values)  # fmt: skip
+    if shared:
+        log.warning("%d %s(s) have images in both --train and --test (e.g. %s): the test "
+                    "figures are optimistic", len(shared), gtr.key, shared[0])  # fmt: skip
+    return info
 
 
 def _plot(
@@ -201,12 +300,7 @@ def _plot(
 
     dest = out / "tsne_test.png"
     stamp = out / "tsne_test.json"
-    key = {
-        "model": model_key,
-        "split": split,
-        "points": cfg.plot_points,
-        "n": len(test.labels),
-    }
+    key = _plot_key(test, cfg, model_key, split)
     if reuse and dest.is_file() and stamp.is_file():
         try:
             if json.loads(stamp.read_text()) == json.loads(json.dumps(key)):
@@ -218,6 +312,29 @@ def _plot(
     tsne_plot(test.features, test.labels, test.classes, dest, title, cfg.plot_points, cfg.seed)
     _write_text(stamp, json.dumps(key))
     return dest
+
+
+def _plot_key(
+    test: LabelledFeatures, cfg: EvalConfig, model_key: dict[str, Any], split: dict[str, Any]
+) -> dict[str, Any]:
+    return {"model": model_key, "split": split, "points": cfg.plot_points,
+            "n": len(test.labels)}  # fmt: skip
+
+
+def _drop_stale_plot(out: Path, key: dict[str, Any]) -> None:
+    """``--no-plot``: a t-SNE plot left by a run of another model or split is removed (it
+    would sit beside metrics it does not show)."""
+    dest, stamp = out / "tsne_test.png", out / "tsne_test.json"
+    if not dest.exists() and not stamp.exists():
+        return
+    try:
+        if json.loads(stamp.read_text()) == json.loads(json.dumps(key)):
+            return
+    except (OSError, ValueError):
+        pass
+    log.warning("%s: removed, a plot of another model or split (--no-plot)", dest)
+    dest.unlink(missing_ok=True)
+    stamp.unlink(missing_ok=True)
 
 
 def _device(cfg: EvalConfig) -> Any:

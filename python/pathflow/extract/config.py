@@ -33,6 +33,18 @@ class ModelOptions:
     precision: str = "auto"
     compile: bool | None = None
 
+    def resolved_precision(self) -> str:
+        """``precision`` with ``auto`` resolved on this machine: bf16 where ``device`` is a
+        GPU, else fp32 (``auto`` if the device cannot be resolved here)."""
+        if self.precision != "auto":
+            return self.precision
+        from pathflow.extract.model import resolve_device
+
+        try:
+            return "bf16" if resolve_device(self.device).type == "cuda" else "fp32"
+        except ConfigError:
+            return self.precision
+
     def validate_model(self) -> None:
         if not self.arch:
             raise ConfigError("no backbone given (--arch NAME, a timm model name)")
@@ -134,11 +146,40 @@ class ExtractConfig(ModelOptions, YamlConfig):
         if self.dask_workers < 0 or self.chunk_slides < 1:
             raise ConfigError("--dask-workers must be >= 0 and --chunk-slides >= 1")
 
+    def features_key(self, from_slides: bool = False) -> dict[str, Any]:
+        """The options that change the features written (or what a file holds), as given
+        (``precision`` resolved, :meth:`resolved_precision`): a re-run into the same features
+        folder with other values is refused unless ``overwrite``. ``from_slides``: the
+        inputs are coordinate files read from the slides, where the reading options count
+        too. (The weights file's content and the resolved mean/std are checked per slide
+        file by the runner.)"""
+        key: dict[str, Any] = {
+            "arch": self.arch,
+            "weights": str(Path(self.weights).resolve()) if self.weights else None,
+            "pretrained": self.pretrained,
+            "image_size": self.image_size,
+            "norm": self.norm,
+            "precision": self.resolved_precision(),
+            "format": self.format,
+            "model": self.model,
+        }
+        if self.model != "patches":
+            key["region_dtype"] = self.region_dtype
+        if self.model == "hipt":
+            key["arch_4k"] = self.arch_4k
+            key["weights_4k"] = str(Path(self.weights_4k).resolve()) if self.weights_4k else None
+            key["keep_region_features"] = self.keep_region_features
+        if from_slides:
+            key.update(quality=self.quality, transcode=self.transcode,
+                       patch_format=self.patch_format)  # fmt: skip
+            if self.model != "patches":
+                key["region_patch"] = self.region_patch
+        return key
+
     def model_key(self) -> dict[str, Any]:
-        """The setup that must not change between a run and its resumption in the same folder
-        (another one is refused). What the features depend on beyond it, the weights file's
-        content (sha256) and the resolved mean/std, is checked per slide file by the runner:
-        a changed weights file or normalisation recomputes the slides."""
+        """The model's setup (a worker process's cached models are keyed by it). What a
+        re-run must not change is :meth:`features_key`; the weights file's content (sha256)
+        and the resolved mean/std are checked per slide file by the runner."""
         return {
             "arch": self.arch,
             "weights": str(Path(self.weights).resolve()) if self.weights else None,

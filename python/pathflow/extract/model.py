@@ -192,7 +192,7 @@ def load_extractor(
 
     from pathflow.outputs import sha256_file
     from pathflow.train.backbones import CUSTOM_BACKBONES
-    from pathflow.train.export import load_backbone, weights_normalization
+    from pathflow.train.export import ArchMismatchError, load_backbone, weights_normalization
 
     if norm not in NORMS:
         raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
@@ -205,6 +205,9 @@ def load_extractor(
         torch.manual_seed(seed)
         try:
             module = load_backbone(arch, state, pretrained=pretrained)
+        except ArchMismatchError as exc:
+            raise WeightsError(f"{weights}: the weights file looks like {exc.family} (keys "
+                               f"{', '.join(exc.keys)}) but --arch is {arch}") from exc  # fmt: skip
         except PathflowError as exc:  # the state dict does not fit
             raise WeightsError(f"{weights}: {exc}") from exc
         except Exception as exc:

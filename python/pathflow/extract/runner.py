@@ -6,8 +6,10 @@ run loses at most the slides in flight. On re-run, slides whose file exists and 
 (same model, all patches accounted for) are skipped; ``overwrite`` redoes them. "Same model"
 means the same arch, weights path *and content* (the weights file's sha256, computed once per
 run) and the same input size and mean/std, so weights retrained into the same file are not
-mistaken for the old ones. Undecodable patches are left out of the file (counted in
-``num_skipped`` and a warning).
+mistaken for the old ones. A re-run with other options that change the features
+(:meth:`ExtractConfig.features_key`, against the folder's own ``extract.yaml``) is refused
+unless ``overwrite``, which also removes the old setup's files that the run does not rewrite.
+Undecodable patches are left out of the file (counted in ``num_skipped`` and a warning).
 
 Many jobs: ``part`` (``I/N`` or ``auto``) keeps the slides whose id hashes to that part
 (:mod:`pathflow.jobs.partition`) and writes ``extract_manifest.part-000I-of-000N.csv``;
@@ -66,6 +68,8 @@ from pathflow.outputs import atomic_path, sha256_file
 log = logging.getLogger("pathflow.extract")
 
 MANIFEST = "extract_manifest.csv"
+#: The config saved beside the features (in the features folder, and a copy in ``out``).
+CONFIG = "extract.yaml"
 MANIFEST_FIELDS = ["slide", "status", "patches", "skipped", "seconds", "file", "model", "error"]
 
 
@@ -145,11 +149,11 @@ def run_extract(
     t0 = time.perf_counter()
     regions = cfg.model != "patches"
     part = parse_part(cfg.part) if cfg.part else None
-    groups = _collect(cfg, regions, part)
+    groups, from_slides = _collect(cfg, regions, part)
     out = Path(cfg.out)
     fdir = out / cfg.features_dir
     report = ExtractReport(out=fdir)
-    _check_previous(out / "extract.yaml", cfg)
+    changed = _check_previous(out, cfg, from_slides)
     image_size = cfg.image_size
     if regions and image_size is None and groups:
         # HIPT runs its ViT-256 on the 256 px sub-patches as they are (no resize)
@@ -157,8 +161,11 @@ def run_extract(
     job = ExtractJob(cfg, image_size, _digest(cfg.weights), _recorded_models(out))
     manifest = out / (f"extract_manifest.{format_part(part)}.csv" if part else MANIFEST)
     models = load_models(job) if cfg.executor == "local" else None
+    if changed:
+        _remove_stale(fdir, cfg.format, {g.name for g in groups}, changed)
     fdir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "extract.yaml")
+    cfg.save(fdir / CONFIG)
+    cfg.save(out / CONFIG)
     result = GroupsResult()
     try:
         if models is None:
@@ -485,9 +492,10 @@ def _write_regions(
 
 def _collect(
     cfg: ExtractConfig, regions: bool = False, part: tuple[int, int] | None = None
-) -> list[PatchGroup]:
+) -> tuple[list[PatchGroup], bool]:
     """Every input's groups, sorted by name; with ``part`` only those of that part (by slide
-    id: the coordinate file's stem, else the group name)."""
+    id: the coordinate file's stem, else the group name). Also whether some input is read
+    from slides (coordinate files)."""
     from pathflow.extract.slide_regions import SlideReadOptions
 
     read = SlideReadOptions(slides=cfg.slides, format=cfg.patch_format, quality=cfg.quality,
@@ -497,6 +505,7 @@ def _collect(
         return part is None or part_of(sid, part[1]) == part[0]
 
     groups: dict[str, PatchGroup] = {}
+    from_slides = False
     for inp in cfg.inputs:
         if regions:
             kind, rfound = discover_regions(inp, cfg.slides, cfg.region_patch, read, keep)
@@ -505,12 +514,13 @@ def _collect(
             kind, found = discover(inp, read, keep)
         if part is not None and kind != COORDS_KIND:
             found = [g for g in found if keep(g.name)]
+        from_slides = from_slides or kind == COORDS_KIND
         log.info("%s: %s, %d group(s)", inp, kind, len(found))
         for g in found:
             if g.name in groups:
                 raise ConfigError(f"{inp}: slide {g.name!r} appears in more than one input")
             groups[g.name] = g
-    return [groups[k] for k in sorted(groups)]
+    return [groups[k] for k in sorted(groups)], from_slides
 
 
 def _recorded_models(out: Path) -> dict[str, str]:
@@ -530,20 +540,62 @@ def _recorded_models(out: Path) -> dict[str, str]:
     return found
 
 
-def _check_previous(path: Path, cfg: ExtractConfig) -> None:
-    """Refuse to mix features of two models in one folder (unless ``overwrite``)."""
-    if cfg.overwrite or not path.is_file():
-        return
+def _check_previous(out: Path, cfg: ExtractConfig, from_slides: bool) -> dict[str, Any]:
+    """Refuse to mix features of two setups in one features folder: a re-run whose
+    :meth:`ExtractConfig.features_key` differs from the folder's saved config
+    (``<features_dir>/extract.yaml``; for folders of older versions ``<out>/extract.yaml``
+    when it names the same features folder) is a one-line error naming the changed options,
+    unless ``overwrite``. Returns the changed options ({flag: (before, now)}), empty if none."""
+    fdir = out / cfg.features_dir
+    if not fdir.is_dir() or not any(p.suffix in (".h5", ".pt") for p in fdir.iterdir()):
+        return {}  # no features yet: nothing to mix
+    path = fdir / CONFIG
+    if not path.is_file():
+        path = out / CONFIG
+        if not path.is_file():
+            return {}
     try:
-        prev = ExtractConfig.build(ExtractConfig.from_yaml(path), {})
-    except ConfigError:
-        return
-    if prev.features_dir == cfg.features_dir and prev.model_key() != cfg.model_key():
-        diff = {k: v for k, v in prev.model_key().items() if cfg.model_key()[k] != v}
+        prev = ExtractConfig(**ExtractConfig.from_yaml(path))  # as saved (not re-validated)
+    except (ConfigError, TypeError) as exc:
+        if cfg.overwrite:
+            return {"config": (str(path), "unreadable")}
+        raise ConfigError(f"{path}: unreadable saved config of {fdir}/ ({exc}); "
+                          "use --overwrite to redo the folder") from exc  # fmt: skip
+    if path.parent == out and prev.features_dir != cfg.features_dir:
+        return {}
+    before, now = prev.features_key(from_slides), cfg.features_key(from_slides)
+    changed = {_flag(k): (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+    if changed and not cfg.overwrite:
+        what = ", ".join(f"{f} {_show(b)} (now {_show(n)})" for f, (b, n) in changed.items())
         raise ConfigError(
-            f"{path}: {cfg.features_dir}/ holds features of another setup ({diff}); "
-            "use another --out / --features-dir, or --overwrite"
+            f"{fdir}/ holds features of another setup: {what}; use another --out / "
+            "--features-dir, or --overwrite to redo them"
         )
+    return changed
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _show(v: Any) -> str:
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _remove_stale(
+    fdir: Path, fmt: str, names: set[str], changed: dict[str, tuple[Any, Any]]
+) -> None:
+    """``--overwrite`` with a changed setup: the features files this run does not rewrite
+    (other slides, the other format) were made by the old setup; remove them so that the
+    folder holds what its saved config says."""
+    stale = [p for p in sorted(fdir.iterdir()) if p.is_file() and p.suffix in (".h5", ".pt")
+             and (p.suffix != f".{fmt}" or p.stem not in names)]  # fmt: skip
+    for p in stale:
+        p.unlink()
+    if stale:
+        log.warning("%s: removed %d features file(s) of the previous setup (%s) that this run "
+                    "does not rewrite (e.g. %s)", fdir, len(stale), ", ".join(changed),
+                    stale[0].name)  # fmt: skip
 
 
 def _per_group(

@@ -209,7 +209,7 @@ class Claim:
 def _create(lock: Path, job: str) -> bool:
     """O_CREAT|O_EXCL the lock and write the holder; False when it exists."""
     try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except FileExistsError:
         return False
     doc = {"host": socket.gethostname(), "pid": os.getpid(), "job": job, "time": time.time()}

@@ -45,8 +45,9 @@ class TileConfig(YamlConfig):
     sample: list[str] = field(default_factory=list)
     recursive: bool = False
     backend: str = "auto"
-    slide_mpp: float | None = None
+    slide_mpp: float | None = None  # only for slides whose file mpp is missing/implausible
     slide_mpp_csv: str | None = None
+    force_slide_mpp: float | None = None  # every slide, whatever its file says
     preset: str = "pathflow"
     # tissue
     seg_level: int = -1
@@ -61,6 +62,7 @@ class TileConfig(YamlConfig):
     area_unit: str | None = None
     remove_ink: bool = False
     mask: str | None = None
+    mask_mode: str = "intersect"  # intersect: --mask AND detected tissue; replace: --mask only
     # grid
     patch: int = 256
     mpp: float | None = None
@@ -146,8 +148,17 @@ class TileConfig(YamlConfig):
             parse_part(out.part)
         if out.workers < 0 or out.threads < 0:
             raise ConfigError("workers and threads must be >= 0 (0 = automatic)")
-        if out.slide_mpp is not None and not 0.05 <= out.slide_mpp <= 20:
-            raise ConfigError(f"--slide-mpp must be in 0.05..20 um/px, got {out.slide_mpp}")
+        for flag, value in (("--slide-mpp", out.slide_mpp),
+                            ("--force-slide-mpp", out.force_slide_mpp)):  # fmt: skip
+            if value is not None and not 0.05 <= value <= 20:
+                raise ConfigError(f"{flag} must be in 0.05..20 um/px, got {value}")
+        if out.slide_mpp is not None and out.force_slide_mpp is not None:
+            raise ConfigError(
+                "--slide-mpp (fills in missing or implausible values) and --force-slide-mpp "
+                "(replaces every slide's) exclude each other"
+            )
+        if out.mask_mode not in ("intersect", "replace"):
+            raise ConfigError(f"--mask-mode must be intersect or replace, got {out.mask_mode!r}")
         return out
 
     def tissue_params(self) -> TissueParams:

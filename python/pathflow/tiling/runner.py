@@ -9,9 +9,10 @@ manifest (and a line on stderr) and the batch goes on.
 
 Each finished slide appends one JSON line to ``manifests/part-IIII-of-NNNN.jsonl``
 (``part-0000-of-0001`` for a run without ``--part``); a run without ``--part`` writes
-``manifest.csv`` once at the end. With ``--part I/N`` (or ``auto``: the job array index) the
-run tiles only the slides whose id hashes to part I, claims each slide with a lock file in
-``claims/`` (so a duplicate job or a re-run of a killed one does not redo work in flight),
+``manifest.csv`` once at the end. Every run claims each slide with a lock file in
+``claims/`` (so a duplicate job or a re-run of a killed one does not redo work in flight)
+and its shard folder (one writer at a time). With ``--part I/N`` (or ``auto``: the job array
+index) the run tiles only the slides whose id hashes to part I,
 writes its shards to ``shards/part-IIII/`` and marks the part finished with
 ``manifests/part-IIII-of-NNNN.done``; ``pathflow merge`` then writes ``manifest.csv`` and
 ``shards/shards.json`` of the whole job.
@@ -52,6 +53,7 @@ __all__ = [
     "check_job_config",
     "discover",
     "discover_inputs",
+    "no_slides_message",
     "process_slide",
     "slide_id",
     "tile_slides",
@@ -159,6 +161,20 @@ def discover(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) 
     return discover_inputs(inputs, recursive)[0]
 
 
+def no_slides_message(inputs: Iterable[str | os.PathLike[str]], recursive: bool) -> str:
+    """One line for a run that found no slide: which folders were searched and, when their
+    slides may sit in sub-folders, the hint to pass ``--recursive``."""
+    dirs = [Path(p) for p in inputs if Path(p).is_dir()]
+    if not dirs:
+        return "no slides given (paths, folders or --sample NAME)"
+    parts = []
+    for d in dirs:
+        subs = sum(1 for q in d.iterdir() if q.is_dir())
+        hint = f" ({subs} sub-folder{'s' if subs != 1 else ''}; use --recursive)"
+        parts.append(f"{d}{hint if subs and not recursive else ''}")
+    return f"no slides found in {', '.join(parts)}"
+
+
 def _failed_row(path: Path, sid: str, error: str) -> dict[str, Any]:
     row: dict[str, Any] = {k: "" for k in MANIFEST_FIELDS}
     row.update(slide=sid, path=str(path), status="failed", patches=0, resumed=False)
@@ -172,6 +188,10 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     plain = yaml.safe_load(yaml.safe_dump(d))
     if isinstance(plain.get("inputs"), list):  # "slides/" and "slides" are one folder
         plain["inputs"] = [os.path.normpath(str(p)) for p in plain["inputs"]]
+    plain.setdefault("mask_mode", "replace")  # what a config.yaml from before it meant
+    plain.setdefault("force_slide_mpp", None)
+    if plain.get("mask") is None:  # without --mask the mode changes nothing
+        plain.pop("mask_mode", None)
     return {k: v for k, v in plain.items() if k not in JOB_FIELDS}
 
 
@@ -227,7 +247,7 @@ def _env_float(name: str, default: float) -> float:
 
 
 class _Feeder:
-    """Hands out the slides of a run one at a time. With claims (job array parts), a slide
+    """Hands out the slides of a run one at a time. With claims (every run), a slide
     held by another live job is deferred and offered again later (by then usually finished:
     its coords file exists and the slide comes back as a quick ``resumed`` row), so a part
     ends only when every one of its slides has a row."""
@@ -297,24 +317,25 @@ def tile_slides(cfg: TileConfig, progress: bool | None = None) -> TileReport:
     t0 = time.perf_counter()
     out = Path(cfg.out)
     part = parse_part(cfg.part) if cfg.part else None
+    paths, dups = discover_inputs(cfg.inputs, cfg.recursive)
+    paths += [sample_slide(name) for name in cfg.sample]
+    if not paths:  # before any output: an empty run must not look like a finished one
+        raise ConfigError(no_slides_message(cfg.inputs, cfg.recursive))
     out.mkdir(parents=True, exist_ok=True)
     if part is not None:
         check_job_config(out, cfg)  # before any output: one line and no work when refused
-    paths, dups = discover_inputs(cfg.inputs, cfg.recursive)
+    else:
+        from pathflow.tiling.rerun import check_rerun
+
+        check_rerun(out, cfg, {slide_id(p) for p in paths})
+        cfg.save(out / "config.yaml")
     for kept, dropped in dups:
         print(
             f"pathflow tile: warning: {dropped} and {kept} are the same file; tiled once "
             f"as {slide_id(kept)!r}",
             file=sys.stderr,
         )
-    paths += [sample_slide(name) for name in cfg.sample]
-    if part is None:
-        cfg.save(out / "config.yaml")
     report = TileReport(out=out)
-    if not paths and part is None:
-        write_manifest_csv(out / "manifest.csv", [], MANIFEST_FIELDS)
-        report.seconds = time.perf_counter() - t0
-        return report
 
     # Slide ids must be unique: a second slide with the same id fails instead of overwriting.
     jobs: list[tuple[int, Path, str]] = []
@@ -390,9 +411,12 @@ def _run_slides(
         file=sys.stderr,
     )
     bar.update(done_before)
-    feeder = _Feeder(jobs, out, cfg, claims=part is not None)
+    feeder = _Feeder(jobs, out, cfg, claims=True)  # a duplicate run waits or helps
 
     def finish(i: int, row: dict[str, Any]) -> None:
+        warning = row.pop("warning", None)
+        if warning:
+            bar.write(f"pathflow tile: warning: {warning}", file=sys.stderr)
         rows[i] = row
         mlog.append({**row, "stage": "tile"})
         feeder.release(i)
@@ -452,21 +476,20 @@ def _shards_phase(
 
     out = Path(cfg.out)
     sdir = None if part is None else out / "shards" / f"part-{part[0]:04d}"
-    claim = None
-    if part is not None:  # one writer per shard folder (a duplicate job waits for it)
-        stale = _env_float("PATHFLOW_CLAIM_STALE", DEFAULT_STALE)
-        beat = _env_float("PATHFLOW_CLAIM_HEARTBEAT", DEFAULT_HEARTBEAT)
-        delay = 0.5
-        name = f"shards-{format_part(part)}"
-        while (claim := try_claim(out / "claims", name, stale_after=stale, heartbeat=beat)) is None:
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    # One writer per shard folder: a duplicate job (or a second plain run) waits for it,
+    # then finds its shards finished.
+    stale = _env_float("PATHFLOW_CLAIM_STALE", DEFAULT_STALE)
+    beat = _env_float("PATHFLOW_CLAIM_HEARTBEAT", DEFAULT_HEARTBEAT)
+    delay = 0.5
+    name = "shards" if part is None else f"shards-{format_part(part)}"
+    while (claim := try_claim(out / "claims", name, stale_after=stale, heartbeat=beat)) is None:
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
     try:
         res = write_shards(out, report.rows, cfg.shard_params(), cfg.overwrite, progress,
                            shards_dir=sdir)  # fmt: skip
     finally:
-        if claim is not None:
-            claim.release()
+        claim.release()
     report.shards = res
     for r in report.rows:
         if r["status"] == "ok":

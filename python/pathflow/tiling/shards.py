@@ -8,7 +8,8 @@ loader sees many slides per batch. The sequence is cut into shards by the Rust w
 Resuming: finished shards (``<prefix>-%06d.tar`` + ``.idx``, published atomically) are kept,
 their sample counts give the position to continue from, and the rest is rewritten; a run
 killed at any moment and re-run yields exactly the shards of an uninterrupted run. A
-``plan.json`` fingerprint guards against resuming with different slides or options.
+``plan.json`` fingerprint guards against resuming with different options (an error); when
+only the slides changed (added, or tiled again) every shard is written again.
 
 Each sample: ``<key>.jpg`` (or ``.png``/``.webp``) and ``<key>.json`` (slide id, level-0
 ``x``/``y``, level read, mpp, sizes, tissue fraction); keys are dot-free
@@ -199,13 +200,24 @@ def sample_order(plans: list[SlidePlan], shuffle: bool, seed: int) -> npt.NDArra
     return np.ascontiguousarray(order)
 
 
-def fingerprint(plans: list[SlidePlan], params: ShardParams) -> str:
-    h = hashlib.sha256()
+def _hash_options(h: Any, params: ShardParams) -> None:
     for k in ("prefix", "max_samples", "max_mb", "format", "quality", "transcode", "shuffle",
               "seed", "sub_size"):  # fmt: skip
         h.update(f"{k}={getattr(params, k)};".encode())
     if params.multiscale:  # absent for single-resolution runs: their fingerprints stay
         h.update(f"mpps={[float(m) for m in params.mpps]};".encode())
+
+
+def options_fingerprint(params: ShardParams) -> str:
+    """The part of :func:`fingerprint` that depends on the shard options only."""
+    h = hashlib.sha256()
+    _hash_options(h, params)
+    return h.hexdigest()
+
+
+def fingerprint(plans: list[SlidePlan], params: ShardParams) -> str:
+    h = hashlib.sha256()
+    _hash_options(h, params)
     for p in plans:
         h.update(p.sid.encode())
         h.update(p.coords.tobytes())
@@ -272,16 +284,27 @@ def write_shards(
         for f in sdir.iterdir():
             if f.is_file():
                 f.unlink()
+    opts = options_fingerprint(params)
     if plan_file.exists():
-        old = json.loads(plan_file.read_text()).get("fingerprint")
-        if old != fp:
-            raise PathflowError(
-                f"{sdir}: holds shards of a different run (slides, coordinates or shard "
-                "options changed); use --overwrite to rewrite them"
-            )
-    else:
+        old = json.loads(plan_file.read_text())
+        if old.get("fingerprint") != fp:
+            if old.get("options") != opts:
+                raise PathflowError(
+                    f"{sdir}: holds shards of a different run (slides, coordinates or shard "
+                    "options changed); use --overwrite to rewrite them"
+                )
+            # Same options, other slides (added, or tiled again): the sample sequence is
+            # another one, so every shard is written again.
+            before = len(old.get("slides") or [])
+            print(f"pathflow tile: warning: {sdir}: the slides changed ({before} -> "
+                  f"{len(plans)}); writing all shards again", file=sys.stderr)  # fmt: skip
+            for f in sdir.iterdir():
+                if f.is_file():
+                    f.unlink()
+    if not plan_file.exists():
+        doc = {"fingerprint": fp, "options": opts, "slides": [p.sid for p in plans]}
         with atomic_path(plan_file) as tmp:
-            tmp.write_text(json.dumps({"fingerprint": fp, "slides": [p.sid for p in plans]}))
+            tmp.write_text(json.dumps(doc))
 
     done, start = _finished_shards(sdir, params.prefix)
     order = sample_order(plans, params.shuffle, params.seed)

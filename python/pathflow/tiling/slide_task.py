@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("pathflow.tile")
 
 MANIFEST_FIELDS = [
-    "slide", "path", "status", "patches", "mpp", "target_mpp", "patch_level", "patch_size",
-    "patch_size_level0", "seg_level", "tissue_mm2", "seconds", "resumed", "shard_samples",
-    "error",
+    "slide", "path", "status", "patches", "mpp", "mpp_source", "target_mpp", "patch_level",
+    "patch_size", "patch_size_level0", "seg_level", "tissue_mm2", "seconds", "resumed",
+    "shard_samples", "error",
 ]  # fmt: skip
+
+#: Where a slide's mpp came from (coords attr and manifest column ``mpp_source``).
+MPP_SOURCES = ("file", "csv", "fallback", "override")
 
 
 def _one_line(exc: BaseException, path: Path) -> str:
@@ -59,14 +62,27 @@ def _find_user_mask(mask: str | None, sid: str) -> Path | None:
     return p
 
 
-def _mpp_override(cfg: TileConfig, path: Path, table: dict[str, float] | None) -> float | None:
-    if table is not None:
-        from pathflow.slide import lookup_mpp
+def choose_mpp(
+    slide: SlideReader, path: Path, cfg: TileConfig, table: dict[str, float] | None
+) -> tuple[float, str]:
+    """The level-0 mpp of a slide and where it comes from (:data:`MPP_SOURCES`):
+    ``--force-slide-mpp`` (``override``), else the slide's ``--slide-mpp-csv`` row (``csv``),
+    else the file's value when plausible (``file``; see :func:`pathflow.slide.resolve_mpp`),
+    else ``--slide-mpp`` (``fallback``). Raises MissingMppError when none applies."""
+    from pathflow.slide import MPP_MAX, MPP_MIN, check_mpp_override, lookup_mpp, resolve_mpp
 
+    if cfg.force_slide_mpp is not None:
+        return check_mpp_override(cfg.force_slide_mpp, "--force-slide-mpp"), "override"
+    if table is not None:
         found = lookup_mpp(table, path)
         if found is not None:
-            return found
-    return cfg.slide_mpp
+            return found, "csv"
+    own = slide.file_mpp
+    if own is not None and MPP_MIN <= own <= MPP_MAX:
+        return float(own), "file"
+    if cfg.slide_mpp is not None:
+        return check_mpp_override(cfg.slide_mpp, "--slide-mpp"), "fallback"
+    return resolve_mpp(slide, None), "file"  # raises: missing or implausible, with the hint
 
 
 def process_slide(path: Path, sid: str, cfg: TileConfig) -> dict[str, Any]:
@@ -78,7 +94,11 @@ def process_slide(path: Path, sid: str, cfg: TileConfig) -> dict[str, Any]:
     coords_path = out / "coords" / f"{sid}.h5"
     try:
         if coords_path.exists() and not cfg.overwrite:
-            return _resumed_row(row, coords_path)
+            try:
+                return _resumed_row(row, coords_path)
+            except Exception as exc:  # truncated or damaged: not finished, tile it again
+                why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                row["warning"] = f"{coords_path}: unreadable ({why}); tiling {path} again"
         row.update(_tile_one(path, sid, cfg, out))
     except Exception as exc:  # one bad slide must never stop the batch
         row["error"] = _one_line(exc, path)
@@ -95,6 +115,7 @@ def _resumed_row(row: dict[str, Any], coords_path: Path) -> dict[str, Any]:
         status="ok" if len(coords) else "no_tissue",
         patches=len(coords),
         mpp=attrs.get("mpp", ""),
+        mpp_source=attrs.get("mpp_source", ""),
         target_mpp=attrs.get("target_mpp", ""),
         patch_level=attrs.get("patch_level", ""),
         patch_size=attrs.get("patch_size", ""),
@@ -116,39 +137,53 @@ def _tile_one(path: Path, sid: str, cfg: TileConfig, out: Path) -> dict[str, Any
     finished slide)."""
     import numpy as np
 
-    from pathflow.grid import patch_grid
+    from pathflow.grid import intersect_grid, patch_grid
     from pathflow.outputs import write_coords_h5, write_mask_png, write_overlay
-    from pathflow.slide import load_mpp_csv, open_slide, resolve_mpp
-    from pathflow.tissue import choose_seg_level, mask_from_geojson, mask_from_png, segment_tissue
+    from pathflow.slide import load_mpp_csv, open_slide
+    from pathflow.tissue import (
+        choose_seg_level,
+        intersect_masks,
+        mask_from_geojson,
+        mask_from_png,
+        segment_tissue,
+    )
 
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
     table = load_mpp_csv(cfg.slide_mpp_csv) if cfg.slide_mpp_csv else None
-    override = _mpp_override(cfg, path, table)
     tparams = cfg.tissue_params()
     gparams = cfg.grid_params()
     io = _io_pool()
     pending: list[Future[None]] = []
     try:
         with open_slide(path, backend=cfg.backend) as slide:
-            mpp = resolve_mpp(slide, override)
+            mpp, mpp_source = choose_mpp(slide, path, cfg, table)
             user_mask = _find_user_mask(cfg.mask, sid)
             if cfg.mask and user_mask is None:
                 raise FileNotFoundError(f"{path}: no mask {sid}.png/.geojson in {cfg.mask}")
+            detect = user_mask is None or cfg.mask_mode == "intersect"
             levels: dict[int, np.ndarray] = {}
             thumb_level = _thumbnail_level(slide, cfg.thumbnail_size)
-            seg_level = choose_seg_level(slide, tparams, mpp) if user_mask is None else None
+            seg_level = choose_seg_level(slide, tparams, mpp) if detect else None
             thumb_read: Future[np.ndarray | None] | None = None
             if cfg.overlay and (seg_level is None or seg_level[0] != thumb_level):
                 thumb_read = io.submit(_native_level, path, slide, thumb_level)
-            if user_mask is None:
-                seg = segment_tissue(slide, tparams, mpp, levels=levels)
-            elif user_mask.suffix.lower() in (".geojson", ".json"):
-                seg = mask_from_geojson(user_mask, slide, mask_mpp=tparams.seg_mpp or 4.0, mpp=mpp)
-            else:
-                seg = mask_from_png(user_mask, slide, tparams, mpp)
+            seg = segment_tissue(slide, tparams, mpp, levels=levels) if detect else None
+            drawn = None
+            if user_mask is not None and user_mask.suffix.lower() in (".geojson", ".json"):
+                mask_mpp = tparams.seg_mpp or 4.0
+                drawn = mask_from_geojson(user_mask, slide, mask_mpp=mask_mpp, mpp=mpp)
+            elif user_mask is not None:
+                drawn = mask_from_png(user_mask, slide, tparams, mpp)
+            if seg is None or drawn is None:  # no --mask, or --mask-mode replace
+                seg = drawn if seg is None else seg
+                assert seg is not None
+                grid = None
+            else:  # intersect: detected tissue AND the drawn mask
+                seg = intersect_masks(seg, drawn)
+                grid = intersect_grid(slide, seg, drawn, gparams, mpp)
             pending.append(io.submit(write_mask_png, out / "masks" / f"{sid}.png", seg.mask))
-            grid = patch_grid(slide, seg, gparams, mpp)
+            grid = grid if grid is not None else patch_grid(slide, seg, gparams, mpp)
             tissue_mm2 = seg.tissue_area_mm2(mpp)
             if cfg.overlay:
                 pixels = thumb_read.result() if thumb_read is not None else None
@@ -177,6 +212,7 @@ def _tile_one(path: Path, sid: str, cfg: TileConfig, out: Path) -> dict[str, Any
                 downsample=slide.level_downsample_xy(level),
                 extra_attrs={
                     "mpp": float(mpp),
+                    "mpp_source": mpp_source,
                     "file_mpp": float(slide.file_mpp) if slide.file_mpp else float("nan"),
                     "slide_path": str(path),
                     "backend": slide.backend,
@@ -198,6 +234,7 @@ def _tile_one(path: Path, sid: str, cfg: TileConfig, out: Path) -> dict[str, Any
         "status": status,
         "patches": len(grid),
         "mpp": round(float(mpp), 6),
+        "mpp_source": mpp_source,
         "target_mpp": grid.target_mpp,
         "patch_level": level,
         "patch_size": grid.read_size,

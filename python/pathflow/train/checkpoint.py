@@ -13,6 +13,11 @@ steps and at the end::
     rank_states   per rank, pickled bytes: the loader's ``state_dict`` and the torch / CUDA /
                   numpy / python RNG states
 
+A checkpoint that cannot be written (disk full, quota, I/O error) raises
+:class:`CheckpointWriteError` naming the file and the reason (``No space left on device``,
+which ``torch.save`` itself reports only as ``unexpected pos``); the previous checkpoint is
+replaced only once the new one is complete, so it stays intact.
+
 Everything but ``rank_states`` is tensors and plain values, so the file loads with
 ``torch.load(weights_only=True)`` (and :func:`pathflow.train.export.load_backbone_state`
 reads the weights from it); the per-rank blobs are unpickled only when resuming one's own run.
@@ -27,15 +32,17 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
+from pathflow.exceptions import PathflowError
 from pathflow.outputs import atomic_open
 
 FORMAT = "pathflow-ssl-checkpoint"
@@ -68,11 +75,67 @@ def rank_state(loader_state: dict[str, Any] | None) -> bytes:
     return pickle.dumps({"loader": loader_state, "rng": capture_rng()})
 
 
+class CheckpointWriteError(PathflowError):
+    """A checkpoint could not be written (``errno``: the OS error's, e.g. ``ENOSPC``); the
+    previous checkpoint, if any, is intact."""
+
+    def __init__(self, message: str, errno_: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.errno = errno_
+        self.reason = reason or message  # the OS's words: "No space left on device (ENOSPC)"
+
+
+class _Sink:
+    """A file that remembers the exception its ``write`` raised: ``torch.save`` turns it
+    into ``RuntimeError: ... unexpected pos``, losing ``No space left on device``."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.error: BaseException | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except BaseException as exc:  # OSError, or a KeyboardInterrupt from a second Ctrl-C
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``No space left on device (ENOSPC)``: the OS's words and the error's name.
+
+    Example:
+        >>> describe_os_error(OSError(errno.ENOSPC, "No space left on device"))
+        'No space left on device (ENOSPC)'
+    """
+    code = errno.errorcode.get(exc.errno or -1)
+    text = exc.strerror or str(exc)
+    return f"{text} ({code})" if code else text
+
+
 def save_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, fsync, rename over ``path``."""
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path``.
+
+    Raises :class:`CheckpointWriteError` (the file and the OS's reason) when it cannot be
+    written; then ``path`` keeps its previous content and no temporary file is left."""
     checkpoint = {"format": FORMAT, "version": VERSION, **checkpoint}
-    with atomic_open(path) as f:
-        torch.save(checkpoint, f)
+    try:
+        with atomic_open(path) as f:
+            sink = _Sink(f)
+            try:
+                torch.save(checkpoint, sink)  # type: ignore[arg-type]  # write + flush
+            except RuntimeError:
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
+    except OSError as exc:
+        reason = describe_os_error(exc)
+        raise CheckpointWriteError(
+            f"{path}: cannot write the checkpoint: {reason}", exc.errno, reason
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -96,7 +159,9 @@ def unpack_rank_state(ckpt: dict[str, Any], rank: int) -> dict[str, Any]:
 
 
 __all__ = [
+    "CheckpointWriteError",
     "capture_rng",
+    "describe_os_error",
     "load_checkpoint",
     "rank_state",
     "restore_rng",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from pathflow.config import YamlConfig, is_list, scalar_type
@@ -145,16 +146,28 @@ def run_train(ns: argparse.Namespace) -> int:
 
     skip = {"command", "config", "quiet", "verbose", "version"}
     values = {k: v for k, v in vars(ns).items() if k not in skip}
+    from pathflow.train.preemption import EXIT_INTERRUPTED, EXIT_STOPPED
+
     try:
         from_yaml = TrainConfig.from_yaml(ns.config) if ns.config else {}
         cfg = TrainConfig.build(from_yaml, values)
         from pathflow.train.trainer import train
 
         summary = train(cfg, progress=False if ns.quiet else None)
-        if summary.stopped_by:  # checkpointed on --signal-checkpoint: requeue and --resume
-            from pathflow.train.preemption import EXIT_STOPPED
-
-            return EXIT_STOPPED
+        if summary.stopped_by:  # checkpointed on --signal-checkpoint or Ctrl-C: --resume
+            # --signal-checkpoint INT: Ctrl-C is the requeue signal, 75 like the others
+            requeue_int = cfg.signal_checkpoint.upper() in ("INT", "SIGINT")
+            ctrl_c = summary.stopped_by == "SIGINT" and not requeue_int
+            return EXIT_INTERRUPTED if ctrl_c else EXIT_STOPPED
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the first step
+        ckpt = Path(str(values.get("out") or ".")) / "checkpoint.pt"
+        kept = (
+            f"{ckpt} holds the last saved step (run the same command with --resume)"
+            if ckpt.is_file()
+            else "no checkpoint was written"
+        )
+        print(f"pathflow train: interrupted (SIGINT): stopped at once; {kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (PathflowError, ValueError) as exc:
         print(f"pathflow train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1

@@ -169,7 +169,7 @@ class TrainConfig(YamlConfig):
     views: str | None = field(
         default=None,
         metadata=_h("view preset of the loader (default: the method's, dino or simclr; also "
-                    "pathology, pathology-dino, byol)"),
+                    "pathology, pathology-dino, byol, sgcl, sgcl-mcrop)"),
     )  # fmt: skip
     global_size: int | None = field(default=None, metadata=_h("size of the global views"))
     local_size: int | None = field(default=None, metadata=_h("size of the local views"))
@@ -286,7 +286,8 @@ class TrainConfig(YamlConfig):
             raise ConfigError(f"lr must be > 0, got {out.lr}")
         if out.clip_grad is not None and out.clip_grad < 0:
             raise ConfigError(f"clip_grad must be >= 0 (0 = off), got {out.clip_grad}")
-        unknown = sorted(set(out.allow_changed) - set(self.field_names()) - {out.method})
+        own = {f"{out.method}.{name}" for name in opts_cls.field_names()}  # as resume names them
+        unknown = sorted(set(out.allow_changed) - set(self.field_names()) - {out.method} - own)
         if unknown:
             raise ConfigError(f"allow_changed: unknown option(s) {', '.join(unknown)}")
         return out
@@ -402,9 +403,10 @@ class TrainConfig(YamlConfig):
                 continue
             theirs = other.get(name)
             if isinstance(value, dict) and isinstance(theirs, dict):
+                older = getattr(self.options, "older_behaviour", {}) if name == self.method else {}
                 diffs += [
                     f"{name}.{k}" for k in sorted(set(value) | set(theirs))
-                    if value.get(k) != theirs.get(k)
+                    if value.get(k) != theirs.get(k, older.get(k))
                 ]  # fmt: skip
             elif value != theirs:
                 diffs.append(name)

@@ -316,14 +316,53 @@ def load_backbone(
     from pathflow.train.backbones import create_backbone
 
     state = load_backbone_state(source, which, weights_only) if source is not None else None
-    if state is not None and "img_size" not in kwargs:
-        size = _trained_img_size(state)
-        if size is not None:
-            kwargs["img_size"] = size
-    model, _ = create_backbone(arch, **kwargs)
+    size = _trained_img_size(state) if state is not None and "img_size" not in kwargs else None
+    sized: dict[str, Any] = {**kwargs, "img_size": size} if size else kwargs
+    try:
+        model, _ = create_backbone(arch, **sized)
+    except TypeError as exc:  # ViT weights (their input size) for a model without img_size
+        if size is None or "img_size" not in str(exc):
+            raise
+        model, _ = create_backbone(arch, **kwargs)
     if state is not None:
+        _check_family(arch, model, state)
         load_state_strict(model, state)
     return model
+
+
+class ArchMismatchError(PathflowError):
+    """Weights of one model family (a ViT, a ResNet) given to a model of another."""
+
+    def __init__(self, family: str, keys: list[str], arch: str) -> None:
+        self.family, self.keys, self.arch = family, keys, arch
+        super().__init__(f"the weights look like {family} (keys {', '.join(keys)}) but the "
+                         f"backbone is {arch}")  # fmt: skip
+
+
+#: Keys that tell a state dict's family: all of them present.
+_FAMILY_KEYS = {
+    "a ViT": ("cls_token", "pos_embed", "patch_embed.proj.weight"),
+    "a ResNet": ("conv1.weight", "bn1.weight", "layer1.0.conv1.weight"),
+}
+
+
+def _family_of_state(state: Mapping[str, Tensor]) -> tuple[str, list[str]] | None:
+    for family, keys in _FAMILY_KEYS.items():
+        found = [k for k in keys if k in state]
+        if len(found) >= 2:
+            return family, found
+    return None
+
+
+def _check_family(arch: str, model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Raise :class:`ArchMismatchError` when ``state`` is a ViT's and ``model`` is not, or a
+    ResNet's and ``model`` is not (other families: left to :func:`load_state_strict`)."""
+    found = _family_of_state(state)
+    if found is None:
+        return
+    own = _family_of_state(model.state_dict())
+    if own is None or own[0] != found[0]:
+        raise ArchMismatchError(found[0], found[1], arch)
 
 
 def _trained_img_size(state: Mapping[str, Tensor]) -> int | None:
@@ -341,6 +380,7 @@ def _trained_img_size(state: Mapping[str, Tensor]) -> int | None:
 
 
 __all__ = [
+    "ArchMismatchError",
     "clean_backbone_state",
     "export_backbone",
     "load_backbone",

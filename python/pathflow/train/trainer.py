@@ -24,6 +24,14 @@ CPU); every rank reads its own share of the shards. Outputs in ``OUT/``: ``confi
 ``metrics.jsonl``/``metrics.csv``, ``tb/`` (TensorBoard), ``backbone.safetensors`` (timm
 weights of the trained backbone) and ``summary.json`` (throughput, peak memory).
 
+Faults: Ctrl-C (once the loop runs) finishes the step, checkpoints and stops (``pathflow
+train`` exits 130; a second Ctrl-C leaves at once), like the ``--signal-checkpoint`` signal
+(:mod:`~pathflow.train.preemption`); a checkpoint that cannot be written (a full disk) raises
+:class:`~pathflow.train.checkpoint.CheckpointWriteError`, one line naming the file, the
+reason and the intact previous checkpoint. Without a progress bar, each logged step prints a
+line with images/s, steps/s and the time left of this job
+(:func:`~pathflow.train.metrics.progress_line`).
+
 Example:
     >>> from pathflow.train import TrainConfig, train
     >>> cfg = TrainConfig(method="dino", arch="vit_small_patch16_224", data="run/shards",
@@ -58,6 +66,7 @@ from pathflow.exceptions import ConfigError, PathflowError
 from pathflow.outputs import atomic_write_text
 from pathflow.train.backbones import create_backbone
 from pathflow.train.checkpoint import (
+    CheckpointWriteError,
     load_checkpoint,
     rank_state,
     restore_rng,
@@ -68,7 +77,7 @@ from pathflow.train.config import TrainConfig
 from pathflow.train.distributed import DistInfo, available_cpus, init_distributed
 from pathflow.train.export import export_backbone
 from pathflow.train.methods import SSLMethod, create_method, method_class
-from pathflow.train.metrics import MetricsLogger
+from pathflow.train.metrics import MetricsLogger, StepRate, progress_line
 from pathflow.train.preemption import StopSignal
 from pathflow.train.schedules import cosine_schedule
 
@@ -101,7 +110,8 @@ class TrainSummary:
     batch_size: int
     finished: bool
     out: str
-    stopped_by: str | None = None  # the --signal-checkpoint signal that stopped the run
+    stopped_by: str | None = None  # the --signal-checkpoint signal or SIGINT (Ctrl-C) that
+    # stopped the run after its checkpoint
 
     def line(self) -> str:
         mem = f", peak GPU memory {self.peak_memory_gb:.2f} GB" if self.peak_memory_gb else ""
@@ -122,6 +132,18 @@ class TrainSummary:
 def say(message: str) -> None:
     """A line for the user on stderr (the progress bar's stream)."""
     print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def naming_os_errors(path: Path) -> Iterator[None]:
+    """Give an ``OSError`` raised without a file name (a failed write: ``No space left on
+    device``) the name of the output being written, for a one-line error that says which."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def seed_everything(seed: int) -> None:
@@ -484,7 +506,11 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> TrainSummary:
     None for a bar on a terminal and one line per logged step otherwise.
 
     Raises :class:`NonFiniteLossError` if the loss becomes NaN/inf (the last checkpoint is
-    left as it was), :class:`~pathflow.exceptions.ConfigError` for invalid settings.
+    left as it was), :class:`~pathflow.exceptions.ConfigError` for invalid settings,
+    :class:`~pathflow.train.checkpoint.CheckpointWriteError` when a checkpoint cannot be
+    written (the previous one stays intact), ``KeyboardInterrupt`` on a Ctrl-C before the
+    first step or a second one (a first one during the loop checkpoints and returns, with
+    ``stopped_by="SIGINT"``).
     """
     cfg = cfg.resolve()
     created_group = not (dist.is_available() and dist.is_initialized())
@@ -559,7 +585,8 @@ def _train(
     stop_at = min(total, step + cfg.stop_after) if cfg.stop_after else total
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
+        with naming_os_errors(out / "config.yaml"):
+            cfg.save(out / "config.yaml")
 
     model = wrap_ddp(method, info)
     if cfg.compile:
@@ -599,25 +626,43 @@ def _train(
     def checkpoint(epoch_next: int, loader_state: dict[str, Any] | None) -> None:
         blobs = gather_rank_states(rank_state(loader_state), info)
         if info.is_main:
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "method_name": cfg.method,
-                    "arch": cfg.arch,
-                    "export_prefix": method.export_prefix,
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "epoch": epoch_next,
-                    "config": cfg.to_dict(),
-                    "data_fingerprint": fingerprint,
-                    "world_size": info.world_size,
-                    "rank_states": blobs,
-                },
-            )
+            try:
+                _save(epoch_next, blobs)
+            except CheckpointWriteError as exc:
+                before = (
+                    f"{ckpt_path} still holds step {last_saved}, intact"
+                    if last_saved >= 0
+                    else "no earlier checkpoint was written"
+                )
+                raise CheckpointWriteError(
+                    f"{ckpt_path}: cannot write the checkpoint of step {step}: {exc.reason}; "
+                    f"stopped, {before}: free space, then run the same command with --resume",
+                    exc.errno,
+                    exc.reason,
+                ) from None
         if info.distributed:
             dist.barrier()
 
+    def _save(epoch_next: int, blobs: list[bytes]) -> None:
+        save_checkpoint(
+            ckpt_path,
+            {
+                "method_name": cfg.method,
+                "arch": cfg.arch,
+                "export_prefix": method.export_prefix,
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "epoch": epoch_next,
+                "config": cfg.to_dict(),
+                "data_fingerprint": fingerprint,
+                "world_size": info.world_size,
+                "rank_states": blobs,
+            },
+        )
+
+    rate = StepRate(step, t_start)
+    stop.arm()  # from here a Ctrl-C finishes the step and checkpoints (a second one: at once)
     with logger, progress_bar(stop_at, step, show_bar) as bar:
         while step < stop_at:
             loader.set_epoch(epoch)
@@ -647,6 +692,7 @@ def _train(
                         "warmup, or --precision fp32."
                     ) from None
                 step += 1
+                rate.done(step, time.perf_counter())
                 if stop.requested():  # on every rank alike: checkpoint below, then leave
                     stop_at = step
                 last_loss = loss_value
@@ -681,10 +727,11 @@ def _train(
                         img_s=f"{ips:.1f}",
                         **({"mem": f"{record['mem_gb']:.1f}G"} if device.type == "cuda" else {}),
                     )
-                    if show_lines:
+                    if show_lines:  # with steps/s and the time left (ETA) of this job
                         say(
-                            f"step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
-                            f"lr {record['lr']:.2e} {ips:.1f} img/s"
+                            progress_line(
+                                step, total, epoch, last_loss, record["lr"], ips, rate, stop_at
+                            )
                         )
                 bar.update(1)
 
@@ -730,15 +777,17 @@ def _train(
         batch_size=cfg.batch_size,
         finished=step >= total,
         out=str(out),
-        stopped_by=stop.name if stop.stopped and step < total else None,
+        stopped_by=stop.reason if stop.stopped and step < total else None,
     )
     if info.is_main:
         spec = getattr(loader, "spec", None)  # the training normalisation, for --norm auto
-        export_backbone(
-            method, out / "backbone.safetensors", arch=str(cfg.arch),
-            mean=getattr(spec, "mean", None), std=getattr(spec, "std", None),
-        )  # fmt: skip
-        atomic_write_text(out / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+        with naming_os_errors(out / "backbone.safetensors"):
+            export_backbone(
+                method, out / "backbone.safetensors", arch=str(cfg.arch),
+                mean=getattr(spec, "mean", None), std=getattr(spec, "std", None),
+            )  # fmt: skip
+        with naming_os_errors(out / "summary.json"):
+            atomic_write_text(out / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
         say(summary.line())
         if summary.stopped_by:
             say(stop.message(step, ckpt_path))

@@ -1,6 +1,7 @@
 """SGCL's loss over a memory bank of every training sample (Lin et al., "SGCL: Spatial guided
 contrastive learning on whole-slide pathological images", Medical Image Analysis 2023; its
-MICCAI 2021 precursor SSLP, Li, Lin & Xu; reference code HHHedo/SGCL, ``SpatialCL``).
+MICCAI 2021 precursor SSLP, Li, Lin & Xu; reference code HHHedo/SGCL: the ``SpatialCL`` class
+of ``openselfsup/models/spatialcl.py`` with its config ``configs/selfsup/sslp/spatialcl.py``).
 
 Notation: ``q_i`` the L2-normalised embedding of anchor ``i`` (one augmented view of sample
 ``n_i``), ``v_j`` row ``j`` of the bank (L2-normalised, no gradient), ``N`` the bank size,
@@ -11,8 +12,8 @@ Positives of anchor ``i``:
 * instance: ``v_{n_i}``, the bank entry of its own sample (self-invariance);
 * spatial ``P_i`` (intra-invariance): entries of the same slide at a level-0 distance
   ``0 < d < radius`` grid steps (3; a grid step is the anchor's level-0 patch size);
-* semantic ``C_i`` (inter-invariance): the anchor and its ``aux`` (3) most similar spatial
-  positives each take their ``topk`` (2048) most similar bank entries (themselves left out);
+* semantic ``C_i`` (inter-invariance): the anchor and its ``aux`` (1) most similar spatial
+  positives each take their ``topk`` (4096) most similar bank entries (themselves left out);
   the entries whose cluster label equals the anchor's (the auxiliary anchor's) in *all* of
   the k-means runs are kept; ``C_i`` is their union, ``n_i`` left out.
 
@@ -26,18 +27,46 @@ Terms, each a mean over the ``B`` anchors::
 
     instance = 1/B sum_i  -log( s_{i n_i} / (s_{i n_i} + S_i) )
     spatial  = 1/B sum_{i: P_i not empty}  -log( sum_{p in P_i} s_ip / (sum_{p in P_i} s_ip + S_i) )
-    semantic = 1/B sum_{i: C_i not empty}  -log( 1/|C_i| sum_{c in C_i} s_ic / (s_ic + S_i) )
-    loss     = weight * (instance + w(t) * (spatial + semantic))     weight = 1/3
+    semantic = 1/B sum_{i: C_i not empty}  -log( sum_{c in C_i} s_ic / (s_ic + S_i) )
+    loss     = weight * (instance + w(t) * (spatial + semantic))     weight = 1
     w(t)     = exp(-5 (1 - t)^2),  t = min(step / ramp-up steps, 1)   (10 epochs)
 
-As the reference code, the spatial term sums its positives inside the log and the semantic
-term averages the per-positive fractions inside the log. Differences from the reference,
-on purpose: anchors without spatial (semantic) positives add 0 (the reference adds the
-constant ``-log(1e-7)``, which has no gradient), so every term is a plain mean over anchors
-and DDP's average of the ranks' losses is the loss of the global batch; auxiliary anchors
-are spatial positives only (the reference's ``topk`` may pick non-neighbours when an anchor
-has fewer than ``aux`` of them); the ramp-up is evaluated per step, not per epoch; the
-temperature is 0.07 in every term (the reference's config says 0.07, its code uses 0.2).
+What ``SpatialCL.forward_train`` computes, term by term: the spatial term sums its positives
+inside the log (``s_pos_spatial``); the semantic term sums the per-positive fractions ``s_ic
+/ (s_ic + S_i)`` inside the log (``torch.sum(similar_fraction, dim=1)``), so it can be
+negative when several positives are close; ``semantic_reduction="mean"`` averages them
+instead (``-log(1/|C_i| sum ...)``, ``log |C_i|`` more per anchor: what pathflow computed
+before it was checked against the reference, kept as an option). The instance term is its
+``ContrastiveHead`` (cross-entropy over the positive and the mined negatives). The total is
+OpenSelfSup's sum of the loss entries, ``loss_contra_single + w * loss_contra_spatial + w *
+loss_contra_sementic``: weight 1 (the class's ``loss_lambda``, 1/2 in the config, is stored
+but never used). ``tau`` is ``head.temperature``, 0.07 in ``spatialcl.py``, for all three
+terms. The defaults ``aux`` 1 and ``topk`` 4096 are ``aux_num`` and ``nei_k`` of
+``spatialcl.py`` (and of the multi-crop ``npidsslpmcrop.py``); 3 and 2048 are those of the
+ablation ``ablation/no_spatial_aux3.py``.
+
+Differences from the reference, on purpose: anchors without spatial (semantic) positives add
+0 (the reference adds the constant ``-log(1e-7)``, which has no gradient), so every term is a
+plain mean over anchors and DDP's average of the ranks' losses is the loss of the global
+batch; the logs are exact (the reference adds 1e-7 inside the spatial and semantic logs);
+auxiliary anchors are spatial positives only (the reference's ``topk`` may pick
+non-neighbours when an anchor has fewer than ``aux`` of them), a neighbour search leaves its
+own entry out (the reference sets its similarity to 0, which can still rank it) and ``C_i``
+never holds ``n_i`` (the reference keeps it when an auxiliary anchor's search finds it); mined
+negatives exclude the positives (the reference zeroes their similarities, which can still
+rank them in the top 20 %); one draw of ranks serves all three terms (the reference draws
+the ranks three times, one set per term, from the same ranking); the rank profile is the
+Beta density (the reference interpolates a histogram of 10^6 samples); the ramp-up is
+evaluated per step, not per epoch.
+
+Multi-crop (the published ``npidsslpmcrop.py``, class ``SpatialCLMcrop``: 1 x 224 + 4 x 96
+crops, one local crop from each quadrant of the patch): :func:`local_instance_loss` is its
+``loss_contra_mcrop``, instance discrimination of each local crop against a bank of its own
+(one per local crop position), with uniformly drawn negatives (65536, a quarter from each
+local bank) at temperature 0.2 (``head.temperature`` of that config). One draw serves every
+local crop of a step (the reference draws each crop's own), so that, as for the mined
+negatives, DDP's average of the ranks' losses is the loss of the global batch; see
+:mod:`pathflow.train.methods.sgcl` for what of ``SpatialCLMcrop`` is and is not reproduced.
 
 Example:
     >>> import torch
@@ -176,6 +205,10 @@ def mine_negatives(
     return ranked.indices[:, ranks], torch.isfinite(ranked.values[:, ranks])
 
 
+#: How the semantic term combines its per-positive fractions inside the log.
+SEMANTIC_REDUCTIONS = ("sum", "mean")
+
+
 @dataclass
 class SGCLTerms:
     """The loss terms of one batch (0-d tensors) and positive counts per anchor (means)."""
@@ -207,11 +240,18 @@ def sgcl_terms(
     negatives: Tensor,
     negative_ok: Tensor,
     temperature: float,
+    semantic_reduction: str = "sum",
 ) -> SGCLTerms:
     """The three terms (module docstring) of queries ``q`` ``[B, d]`` (normalised here)
     against ``bank`` ``[N, d]`` (detached), with the positive masks ``[B, N]`` and the mined
-    negatives ``[B, k]``. Computed in float32, in log space; apart from the ``[B, N]``
-    similarities, only the positives' and negatives' entries are materialised."""
+    negatives ``[B, k]``; ``semantic_reduction`` ``sum`` (the reference) or ``mean`` of the
+    semantic fractions inside the log. Computed in float32, in log space; apart from the
+    ``[B, N]`` similarities, only the positives' and negatives' entries are materialised."""
+    if semantic_reduction not in SEMANTIC_REDUCTIONS:
+        raise ValueError(
+            f"semantic_reduction must be one of {', '.join(SEMANTIC_REDUCTIONS)}, "
+            f"got {semantic_reduction!r}"
+        )
     q = F.normalize(q.float(), dim=1)
     v = bank.detach().float()
     logits = q @ v.T / temperature  # log s_ij, [B, N]
@@ -236,8 +276,9 @@ def sgcl_terms(
     if r.numel():
         lc = logits[r, c]
         log_frac = lc - torch.logaddexp(lc, log_s_neg[r])  # log( s_ic / (s_ic + S_i) )
-        count = semantic.sum(dim=1).clamp_min(1).float()
-        se = torch.log(count) - _row_logsumexp(log_frac, r, b)
+        se = -_row_logsumexp(log_frac, r, b)  # -log sum_{c in C_i} s_ic / (s_ic + S_i)
+        if semantic_reduction == "mean":
+            se = se + torch.log(semantic.sum(dim=1).clamp_min(1).float())
         has = semantic.any(dim=1)
         semantic_term = torch.where(has, se, torch.zeros_like(se)).sum() / b
     return SGCLTerms(
@@ -247,6 +288,27 @@ def sgcl_terms(
         spatial_positives=spatial.sum(dim=1).float().mean().detach(),
         semantic_positives=semantic.sum(dim=1).float().mean().detach(),
     )
+
+
+def local_instance_loss(
+    q: Tensor,
+    banks: Tensor,
+    own_bank: Tensor,
+    index: Tensor,
+    negatives: Tensor,
+    temperature: float,
+) -> Tensor:
+    """``SpatialCLMcrop``'s ``loss_contra_mcrop``: with ``p_r = banks[own_bank_r, index_r]``
+    and ``n_gk = banks[g, negatives[g, k]]``, ``1/R sum_r -log( exp(q_r . p_r / tau) /
+    (exp(q_r . p_r / tau) + sum_{g, k} exp(q_r . n_gk / tau)) )`` for local-crop queries
+    ``q`` ``[R, d]`` (normalised here), the ``[G, N, d]`` local banks (detached) and the
+    negatives' bank indices ``[G, k]``, the same for every row. Float32."""
+    q = F.normalize(q.float(), dim=1)
+    v = banks.detach()
+    pos = (q * v[own_bank, index].float()).sum(dim=1, keepdim=True)
+    neg = q @ torch.cat([v[g, negatives[g]] for g in range(negatives.shape[0])]).float().T
+    logits = torch.cat([pos, neg], dim=1) / temperature
+    return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
 class SpatialMemoryBank(nn.Module):
@@ -298,9 +360,11 @@ class SpatialMemoryBank(nn.Module):
 
 
 __all__ = [
+    "SEMANTIC_REDUCTIONS",
     "SGCLTerms",
     "SpatialMemoryBank",
     "beta_rank_profile",
+    "local_instance_loss",
     "mine_negatives",
     "rampup_weight",
     "semantic_positive_mask",

@@ -34,10 +34,13 @@ class MethodConfig(YamlConfig):
 
     ``recipe`` holds the method's defaults for the shared :class:`TrainConfig` fields left
     ``None`` (lr, weight decay, warmup, clipping, drop path). Fields are the YAML keys of the
-    method's section and the ``--METHOD.NAME`` flags.
+    method's section and the ``--METHOD.NAME`` flags. ``older_behaviour``: options added
+    after runs were first saved, and the value that reproduces how those runs trained (a
+    checkpoint without the option resumes when the option has this value).
     """
 
     recipe: ClassVar[dict[str, Any]] = {}
+    older_behaviour: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def from_value(cls, value: Any, method: str) -> Any:
