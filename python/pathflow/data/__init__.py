@@ -17,8 +17,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pathflow.data.backends import (
+    LoaderBackend,
+    create_loader_backend,
+    list_loader_backends,
+    register_loader_backend,
+)
 from pathflow.data.samples import list_samples, sample_cache_dir, sample_slide
 from pathflow.data.shardset import ShardSet, epoch_order
+from pathflow.data.sources import data_fingerprint, resolve_data
 from pathflow.data.views import (
     StainStats,
     ViewParams,
@@ -68,6 +75,7 @@ __all__ = [
     "Batch",
     "FeatureCropSpec",
     "Loader",
+    "LoaderBackend",
     "NeighbourIndex",
     "RegionFeatureLoader",
     "RegionFeatureSet",
@@ -76,14 +84,19 @@ __all__ = [
     "ViewParams",
     "ViewSpec",
     "ViewsSpec",
+    "create_loader_backend",
     "create_views",
+    "data_fingerprint",
     "epoch_order",
     "fit_stain_stats",
     "is_region_feature_folder",
+    "list_loader_backends",
     "list_samples",
     "list_views",
     "make_feature_loader",
     "make_loader",
+    "register_loader_backend",
+    "resolve_data",
     "sample_batch_params",
     "sample_cache_dir",
     "sample_slide",

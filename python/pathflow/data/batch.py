@@ -64,6 +64,19 @@ class Batch:
     def __len__(self) -> int:
         return int(self.views[0].shape[0]) if self.views else 0
 
+    @classmethod
+    def from_raw(cls, views: list[Any], raw: RawBatch) -> Batch:
+        """The batch of ``views`` made from ``raw``: its position, epoch, skipped keys and
+        unpaired count, and its metadata with the numeric fields as torch tensors."""
+        return cls(
+            views=views,
+            meta=meta_to_torch(raw.meta),
+            index=raw.index,
+            epoch=raw.epoch,
+            skipped=raw.skipped,
+            no_partner=raw.no_partner,
+        )
+
 
 META_INT64 = ("index", "x", "y", "label", "partner_index")
 META_FLOAT64 = ("partner_mpp",)

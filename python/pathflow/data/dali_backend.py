@@ -52,16 +52,19 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from pathflow.data import augment_torch as _at
-from pathflow.data.batch import RawBatch
-from pathflow.data.views import LUMA, ViewParams, ViewSpec, ViewsSpec, blur_window
+from pathflow.data.batch import Batch, RawBatch
+from pathflow.data.views import LUMA, ViewParams, ViewSpec, ViewsSpec, blur_window, pair_sources
 from pathflow.exceptions import BackendUnavailableError, InvalidArgumentError, PathflowError
+
+if TYPE_CHECKING:
+    from pathflow.data.raw_batches import BatchSource, LoaderConfig
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -634,3 +637,42 @@ class DaliViews:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DaliBackend:
+    """The ``dali`` loader backend: one :class:`DaliViews` pipeline per loader (built on the
+    first epoch, reused by the next), on ``cfg.device``'s GPU or the CPU."""
+
+    def __init__(self, cfg: LoaderConfig, spec: ViewsSpec) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self._views: DaliViews | None = None
+
+    def _pipeline(self) -> DaliViews:
+        if self._views is None:
+            cfg = self.cfg
+            dev = "gpu" if cfg.device.startswith("cuda") else "cpu"
+            device_id = None
+            if dev == "gpu":
+                device_id = torch.device(cfg.device).index
+                if device_id is None:
+                    device_id = torch.cuda.current_device()
+            self._views = DaliViews(
+                self.spec,
+                batch_size=cfg.batch_size,
+                device=dev,
+                output=cfg.output,
+                num_threads=max(1, cfg.num_workers),
+                device_id=device_id,
+                sources=None if cfg.positives == "augment" else pair_sources(self.spec),
+            )
+        return self._views
+
+    def iterate(self, source: BatchSource, start: int) -> Iterator[Batch]:
+        for views, raw in self._pipeline().iterate(source.raw_batches(start)):
+            yield Batch.from_raw(views, raw)
+
+    def close(self) -> None:
+        if self._views is not None:
+            self._views.close()
+        self._views = None

@@ -11,6 +11,9 @@ sequence does not depend on the number of workers.
 - ``backend="torch"``: Rust decodes, crops and resizes in DataLoader workers; the float stages
   run in one fused Rust kernel per view in the workers on CPU (``_core.augment_views``), or
   in torch on the GPU in the main process when ``device="cuda"`` (:mod:`augment_torch`).
+- any other name registered with :func:`~pathflow.data.backends.register_loader_backend`
+  (the protocol: :class:`~pathflow.data.backends.LoaderBackend`; the raw batches it gets:
+  :class:`~pathflow.data.raw_batches.BatchSource`).
 
 Order: by default each rank reads its share of a seeded global permutation of all samples
 (``shuffle_mode="permutation"``), so batches mix all slides even when the shards hold the
@@ -31,84 +34,57 @@ Example:
     ...     v1, v2 = batch.views          # [32, 3, 224, 224] float32, normalised
     ...     slides = batch.meta["slide"]
     >>> st = loader.stats  # doctest: +SKIP
-    >>> st["slides_per_batch_mean"], st["slides_per_batch_min"]  # doctest: +SKIP
-    (11.8, 7)
+    >>> st["slides_per_batch_mean"], st["slides_per_batch_min"]  # one slide  # doctest: +SKIP
+    (1.0, 1)
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-
-from pathflow.data.batch import Batch, RawBatch, meta_to_torch
+from pathflow.data.backends import (
+    LoaderBackend,
+    check_loader_backend,
+    create_loader_backend,
+    dali_available,
+)
+from pathflow.data.batch import Batch
 from pathflow.data.neighbours import METRICS
 from pathflow.data.position import EpochPosition
-from pathflow.data.shardset import SHUFFLE_MODES, ShardSet, epoch_order
-from pathflow.data.views import (
-    StainStats,
-    ViewsSpec,
-    create_views,
-    pair_sources,
-    sample_batch_params,
-    sample_pair_params,
+from pathflow.data.raw_batches import (
+    OUTPUTS,
+    POSITIVES,
+    BatchSource,
+    LoaderConfig,
+    Plan,
+    build_raw_batch,
+    draw_scales,
+    num_batches,
 )
+from pathflow.data.shardset import SHUFFLE_MODES, ShardSet
+from pathflow.data.views import StainStats, ViewsSpec, create_views
 
 if TYPE_CHECKING:
     from pathflow.data.neighbours import NeighbourIndex
 
+__all__ = [
+    "OUTPUTS",
+    "POSITIVES",
+    "Loader",
+    "LoaderConfig",
+    "Plan",
+    "build_raw_batch",
+    "dali_available",
+    "draw_scales",
+    "make_loader",
+    "num_batches",
+]
+
 log = logging.getLogger("pathflow.data")
-
-OUTPUTS = ("float", "bfloat16", "uint8")
-POSITIVES = ("augment", "neighbour", "scale")
-
-
-@dataclass
-class LoaderConfig:
-    """Everything that defines the sample stream (saved with checkpoints and runs).
-
-    ``shuffle_mode``: ``"permutation"`` (default: each rank reads its share of a seeded
-    permutation of all samples, so every batch mixes all slides) or ``"buffer"`` (shards
-    streamed through a shuffle buffer of ``shuffle_buffer`` samples; only for inputs that must
-    be read sequentially: over shards holding one slide after another, larger than the buffer,
-    a batch then comes from one or two slides). See :func:`~pathflow.data.epoch_order`.
-
-    ``positives``: ``"augment"`` (views of the same patch), ``"neighbour"`` (a partner patch
-    of the same slide within ``neighbour_radius`` grid steps, ``neighbour_metric``) or
-    ``"scale"`` (the same spot at another magnification); see :func:`make_loader`.
-    """
-
-    batch_size: int = 64
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    shuffle: bool = True
-    shuffle_mode: str = "permutation"
-    shuffle_buffer: int = 8192
-    drop_last: bool = True
-    output: str = "float"
-    device: str = "cpu"
-    backend: str = "torch"
-    num_workers: int = 2
-    positives: str = "augment"
-    neighbour_radius: float = 2.0
-    neighbour_metric: str = "chebyshev"
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -119,166 +95,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def draw_scales(
-    shardset: ShardSet, indices: npt.NDArray[np.int64], seed: int, epoch: int
-) -> tuple[list[str | None], npt.NDArray[np.float64]]:
-    """For each sample, one of its other-magnification entries (``mpp1.jpg``...), uniform
-    among those it has, drawn from ``hash_uniform(seed, epoch, index)``; None (and NaN mpp)
-    where it has none."""
-    from pathflow.data.neighbours import hash_uniform
-    from pathflow.data.shardset import scale_mpp
-
-    exts = shardset.scale_exts
-    mask = shardset.scale_mask(indices)
-    deg = mask.sum(axis=1)
-    u = hash_uniform(seed, epoch, indices, salt=0x5CA1E)
-    k = np.minimum(np.floor(u * deg).astype(np.int64), np.maximum(deg - 1, 0))
-    col = np.argmax(np.cumsum(mask, axis=1) > k[:, None], axis=1)
-    out: list[str | None] = [exts[c] if d > 0 else None for c, d in zip(col, deg, strict=True)]
-    mpp = np.asarray([scale_mpp(e) if e else np.nan for e in out], dtype=np.float64)
-    return out, mpp
-
-
-def build_raw_batch(
-    shardset: ShardSet,
-    indices: npt.NDArray[np.int64],
-    spec: ViewsSpec,
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    index: int,
-    stain_stats: StainStats | None,
-    positives: str = "augment",
-    neighbours: NeighbourIndex | None = None,
-) -> RawBatch | None:
-    """Read one batch, replace corrupt samples, and draw its view parameters.
-
-    A corrupt image (bad header, truncated, not JPEG/PNG) or corrupt metadata (a ``.json``
-    that is not JSON, lacks slide/x/y in pathflow's shards, or holds a non-integer position:
-    :func:`~pathflow.data.shardset.parse_meta`) is logged, counted in ``skipped`` and
-    replaced by the next valid sample of the same batch, so batch shapes never change and no
-    sample reaches training with a made-up slide or position. Returns None only if no sample
-    of the batch is valid.
-
-    ``positives="neighbour"`` also reads, for every anchor, a partner drawn from its spatial
-    neighbours (``neighbours.draw``), ``"scale"`` the anchor's entry at another magnification
-    (:func:`draw_scales`); the views alternate between anchor and partner
-    (:func:`~pathflow.data.views.pair_sources`). A corrupt partner is replaced by its anchor.
-    """
-    from pathflow import _core
-
-    images, metas = shardset.read(indices)
-    sizes, errors = _core.image_info(images)
-    bad_meta = {i: str(m["error"]) for i, m in enumerate(metas) if m.get("error")}
-    bad = [i for i, e in enumerate(errors) if e is not None or i in bad_meta]
-    skipped: list[str] = []
-    if bad:
-        good = [i for i, e in enumerate(errors) if e is None and i not in bad_meta]
-        for i in bad:
-            if errors[i] is not None:
-                log.warning("skipping corrupt image %s: %s", metas[i]["key"], errors[i])
-            else:
-                shard = shardset.shards[int(shardset.locate(indices[i : i + 1])[0][0])].path
-                log.warning(
-                    "skipping sample %s of %s: corrupt metadata: %s",
-                    metas[i]["key"],
-                    shard,
-                    bad_meta[i],
-                )
-            skipped.append(str(metas[i]["key"]))
-        if not good:
-            return None
-        for i in bad:
-            j = next((g for g in good if g > i), good[0])
-            images[i], metas[i] = images[j], metas[j]
-            sizes[i] = sizes[j]
-    rng = np.random.default_rng([seed, epoch, rank, index, 0xA06])
-    meta: dict[str, Any] = {
-        "key": [m["key"] for m in metas],
-        "index": np.asarray([m["index"] for m in metas], dtype=np.int64),
-        "slide": [m["slide"] for m in metas],
-        "x": np.asarray([m["x"] for m in metas], dtype=np.int64),
-        "y": np.asarray([m["y"] for m in metas], dtype=np.int64),
-        "label": np.asarray([m["label"] for m in metas], dtype=np.int64),
-    }
-    data = [np.frombuffer(b, dtype=np.uint8) for b in images]
-    if positives == "augment":
-        params = sample_batch_params(spec, sizes[:, 0], sizes[:, 1], rng, stain_stats)
-        return RawBatch(
-            data=data, params=params, meta=meta, index=index, epoch=epoch, skipped=skipped
-        )
-    anchors = meta["index"]
-    exts: list[str | None] | None = None
-    if positives == "neighbour":
-        if neighbours is None:
-            raise ValueError("positives='neighbour' needs a NeighbourIndex")
-        partners, alone = neighbours.draw(anchors, seed, epoch)
-    elif positives == "scale":
-        exts, mpp = draw_scales(shardset, anchors, seed, epoch)
-        partners, alone = anchors.copy(), np.isnan(mpp)
-        meta["partner_mpp"] = mpp
-    else:
-        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
-    pimages = shardset.read_images(partners, exts)
-    psizes, perrors = _core.image_info(pimages)
-    for i, e in enumerate(perrors):
-        if e is None:
-            continue
-        name = shardset.key_of(int(partners[i])) + (f".{exts[i]}" if exts and exts[i] else "")
-        log.warning("skipping corrupt partner image %s: %s", name, e)
-        skipped.append(name)
-        pimages[i], psizes[i] = images[i], sizes[i]
-        partners[i], alone[i] = anchors[i], True
-        if "partner_mpp" in meta:
-            meta["partner_mpp"][i] = np.nan
-    meta["partner_index"] = partners
-    sources = pair_sources(spec)
-    params = sample_pair_params(spec, (sizes, psizes), sources, rng, stain_stats)
-    return RawBatch(
-        data=data,
-        params=params,
-        meta=meta,
-        index=index,
-        epoch=epoch,
-        skipped=skipped,
-        partner=[np.frombuffer(b, dtype=np.uint8) for b in pimages],
-        sources=sources,
-        no_partner=int(alone.sum()),
-    )
-
-
-class Plan:
-    """The batches of one epoch on one rank."""
-
-    def __init__(self, shardset: ShardSet, cfg: LoaderConfig, epoch: int) -> None:
-        self.order = epoch_order(
-            shardset.counts,
-            epoch=epoch,
-            seed=cfg.seed,
-            rank=cfg.rank,
-            world=cfg.world_size,
-            shuffle=cfg.shuffle,
-            mode=cfg.shuffle_mode,
-            buffer=cfg.shuffle_buffer,
-            equal=cfg.drop_last,
-        )
-        bs = cfg.batch_size
-        n = len(self.order)
-        self.num_batches = n // bs if cfg.drop_last else math.ceil(n / bs)
-        self.batch_size = bs
-
-    def indices(self, b: int) -> npt.NDArray[np.int64]:
-        return self.order[b * self.batch_size : (b + 1) * self.batch_size]
-
-
-def num_batches(n_samples: int, cfg: LoaderConfig) -> int:
-    if cfg.drop_last:
-        return (n_samples // cfg.world_size) // cfg.batch_size
-    per_rank = len(np.array_split(np.arange(n_samples), cfg.world_size)[cfg.rank])
-    return math.ceil(per_rank / cfg.batch_size)
 
 
 def _check_order(shardset: ShardSet, cfg: LoaderConfig) -> None:
@@ -324,7 +140,7 @@ class Loader(EpochPosition):
         self.stain_stats = stain_stats
         self._init_position()
         self.stats["no_partner"] = 0
-        self._dali: Any = None
+        self._backend: LoaderBackend | None = None
         self.neighbours: NeighbourIndex | None = None
         if cfg.positives == "neighbour":
             from pathflow.data.neighbours import NeighbourIndex
@@ -341,7 +157,7 @@ class Loader(EpochPosition):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_dali"] = None  # a DALI pipeline never travels to DataLoader workers
+        state["_backend"] = None  # a backend (a DALI pipeline) never travels to workers
         return state
 
     def __repr__(self) -> str:
@@ -376,122 +192,37 @@ class Loader(EpochPosition):
         self.stats["no_partner"] = int(self.stats.get("no_partner", 0)) + batch.no_partner
 
     # -------------------------------------------------------------- iteration
-    def _raw_batches(self, plan: Plan, start: int, step: int = 1) -> Iterator[RawBatch]:
-        for b in range(start, plan.num_batches, step):
-            raw = build_raw_batch(
-                self.shardset,
-                plan.indices(b),
-                self.spec,
-                seed=self.cfg.seed,
-                epoch=self.epoch,
-                rank=self.cfg.rank,
-                index=b,
-                stain_stats=self.stain_stats,
-                positives=self.cfg.positives,
-                neighbours=self.neighbours,
-            )
-            if raw is None:
-                log.warning("batch %d of epoch %d has no valid image; skipped", b, self.epoch)
-                continue
-            yield raw
+    def source(self) -> BatchSource:
+        """The raw batches of the current epoch on this rank (what the backend iterates)."""
+        return BatchSource(
+            self.shardset,
+            self.spec,
+            self.cfg,
+            self.epoch,
+            Plan(self.shardset, self.cfg, self.epoch),
+            stain_stats=self.stain_stats,
+            neighbours=self.neighbours,
+        )
+
+    @property
+    def backend(self) -> LoaderBackend:
+        """This loader's backend (``cfg.backend``), created on first use and kept."""
+        if self._backend is None:
+            self._backend = create_loader_backend(self.cfg.backend, self.cfg, self.spec)
+        return self._backend
 
     def __iter__(self) -> Iterator[Batch]:
-        plan = Plan(self.shardset, self.cfg, self.epoch)
-        if self._next >= plan.num_batches:  # resumed from a state saved after the last batch
+        source = self.source()
+        if self._next >= source.num_batches:  # resumed from a state saved after the last batch
             self.epoch += 1
             self._next = 0
-            plan = Plan(self.shardset, self.cfg, self.epoch)
-        start = self._next
-        it = (
-            self._iter_dali(plan, start)
-            if self.cfg.backend == "dali"
-            else self._iter_torch(plan, start)
-        )
-        for batch in it:
+            source = self.source()
+        for batch in self.backend.iterate(source, self._next):
             self._next = batch.index + 1
             self._count(batch)
             yield batch
         self.epoch += 1
         self._next = 0
-
-    def _iter_torch(self, plan: Plan, start: int) -> Iterator[Batch]:
-        import torch
-
-        from pathflow.data.torch_backend import ViewsDataset, finish_on_device
-
-        on_gpu = self.cfg.device.startswith("cuda")
-        ds = ViewsDataset(self, plan, start, augment=not on_gpu)
-        workers = self.cfg.num_workers
-        if workers > 0:
-            dl = torch.utils.data.DataLoader(
-                ds,
-                batch_size=None,
-                num_workers=workers,
-                pin_memory=on_gpu,
-                worker_init_fn=_worker_init,
-                prefetch_factor=2,
-                multiprocessing_context=_worker_context(),
-            )
-            source: Any = dl
-        else:
-            source = ds
-        for item in source:
-            if on_gpu:
-                item = finish_on_device(item, self.spec, self.cfg.output, self.cfg.device)
-            yield item
-
-    def _iter_dali(self, plan: Plan, start: int) -> Iterator[Batch]:
-        import torch
-
-        if self._dali is None:
-            from pathflow.data.dali_backend import DaliViews
-
-            dev = "gpu" if self.cfg.device.startswith("cuda") else "cpu"
-            device_id = None
-            if dev == "gpu":
-                device_id = torch.device(self.cfg.device).index
-                if device_id is None:
-                    device_id = torch.cuda.current_device()
-            self._dali = DaliViews(
-                self.spec,
-                batch_size=self.cfg.batch_size,
-                device=dev,
-                output=self.cfg.output,
-                num_threads=max(1, self.cfg.num_workers),
-                device_id=device_id,
-                sources=None if self.cfg.positives == "augment" else pair_sources(self.spec),
-            )
-        for views, raw in self._dali.iterate(self._raw_batches(plan, start)):
-            yield Batch(
-                views=views,
-                meta=meta_to_torch(raw.meta),
-                index=raw.index,
-                epoch=raw.epoch,
-                skipped=raw.skipped,
-                no_partner=raw.no_partner,
-            )
-
-
-def _worker_context() -> str | None:
-    """``fork`` (fast) unless a DALI pipeline ran in this process: DALI's threads and CUDA
-    state do not survive a fork (workers can crash), so then a fresh forkserver is used."""
-    if os.name != "posix":
-        return None
-    return "forkserver" if "pathflow.data.dali_backend" in sys.modules else "fork"
-
-
-def _worker_init(_: int) -> None:
-    import signal
-
-    import torch
-
-    from pathflow import _core
-
-    torch.set_num_threads(1)
-    _core.set_num_threads(1)
-    # Ctrl-C reaches the whole process group: the main process checkpoints and stops the
-    # workers itself, a worker that died of it would end the run with a traceback instead
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(
@@ -523,8 +254,10 @@ def make_loader(
         views: a preset from :func:`pathflow.data.list_views` or a :class:`ViewsSpec`.
         batch_size: samples per batch and rank.
         device: ``"cpu"``, ``"cuda"``/``"cuda:N"``, or ``"auto"`` (CUDA when available).
-        backend: ``"dali"``, ``"torch"`` or ``"auto"`` (DALI on CUDA when installed, else
-            torch: Rust decode + fused Rust augmentation kernel on the CPU).
+        backend: ``"dali"``, ``"torch"``, ``"auto"`` (DALI on CUDA when installed, else
+            torch: Rust decode + fused Rust augmentation kernel on the CPU), or another name
+            from :func:`~pathflow.data.backends.list_loader_backends` (registered with
+            :func:`~pathflow.data.backends.register_loader_backend`).
         seed: seeds the epoch order and every augmentation.
         rank, world_size: DDP split (default: from ``torch.distributed`` or RANK/WORLD_SIZE).
         num_workers: DataLoader workers (torch backend) or DALI threads (default: CPU count).
@@ -592,10 +325,7 @@ def make_loader(
         # DALI wins on the GPU; on the CPU the Rust kernels of the torch backend are faster
         # (benches/test_bench_loader.py).
         backend = "dali" if device.startswith("cuda") and dali_available() else "torch"
-    if backend not in ("dali", "torch"):
-        raise ValueError(f"backend must be 'dali', 'torch' or 'auto', got {backend!r}")
-    if backend == "dali" and not dali_available():
-        raise ImportError("backend='dali' needs NVIDIA DALI: pip install 'pathflow[gpu]'")
+    check_loader_backend(backend)
     r, w = _dist_rank_world()
     rank = r if rank is None else rank
     world_size = w if world_size is None else world_size

@@ -212,7 +212,7 @@ def sample_coords(ss: ShardSet, step: float | None = None) -> SampleCoords:
     Example:
         >>> c = sample_coords(ShardSet("out/shards"))  # doctest: +SKIP
         >>> c.slides, c.step[:1]  # doctest: +SKIP
-        (['cmu_small_region'], array([256.]))
+        (['cmu_small_region'], array([257.]))
     """
     parsed = _from_keys(ss)
     slide, names, x, y, size0 = parsed if parsed is not None else _from_json(ss)
@@ -308,7 +308,7 @@ class NeighbourIndex:
         Example:
             >>> nb = NeighbourIndex.from_shards("out/shards", radius=2)  # doctest: +SKIP
             >>> nb.counts()[:5]  # doctest: +SKIP
-            array([ 7, 11,  9, 12, 10])
+            array([ 4,  5,  7,  9, 13])
         """
         ss = shards if isinstance(shards, ShardSet) else ShardSet(shards)
         c = sample_coords(ss, step)

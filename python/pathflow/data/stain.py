@@ -7,8 +7,8 @@ from that distribution.
 
 Example:
     >>> stats = fit_stain_stats("out/shards", num_samples=256)  # doctest: +SKIP
-    >>> stats.mean_mean  # doctest: +SKIP
-    (68.1, 21.5, -14.2)
+    >>> tuple(round(v, 1) for v in stats.mean_mean)  # cmu-small's 43 patches  # doctest: +SKIP
+    (63.7, 19.1, -8.3)
 """
 
 from __future__ import annotations

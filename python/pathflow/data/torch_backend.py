@@ -7,6 +7,8 @@ DataLoader's round-robin returns them in epoch order whatever the number of work
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +17,11 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pathflow.data.augment_torch import apply_color_stages, finish
-from pathflow.data.batch import Batch, RawBatch, meta_to_torch
+from pathflow.data.batch import Batch, RawBatch
 from pathflow.data.views import ViewsSpec
 
 if TYPE_CHECKING:
-    from pathflow.data.loader import Loader, Plan
+    from pathflow.data.raw_batches import BatchSource, LoaderConfig
 
 log = logging.getLogger("pathflow.data")
 
@@ -113,30 +115,24 @@ def augment_torch(
 
 
 class ViewsDataset(IterableDataset[Any]):
-    """Yields finished :class:`Batch` es (``augment=True``) or ``(crops, raw)`` pairs."""
+    """Yields finished :class:`Batch` es (``augment=True``) or ``(crops, raw)`` pairs; worker
+    ``w`` of ``n`` builds batches ``start + w, start + w + n, ...``."""
 
-    def __init__(self, loader: Loader, plan: Plan, start: int, augment: bool = True) -> None:
-        self.loader = loader
-        self.plan = plan
+    def __init__(
+        self, source: BatchSource, start: int, output: str = "float", augment: bool = True
+    ) -> None:
+        self.source = source
         self.start = start
+        self.output = output
         self.augment = augment
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        ld = self.loader
-        for raw in ld._raw_batches(self.plan, self.start + w, n):
+        for raw in self.source.raw_batches(self.start + w, n):
             crops = decode_crops(raw)
             if self.augment:
-                views = augment_cpu(crops, raw, ld.spec, ld.cfg.output)
-                yield Batch(
-                    views=views,
-                    meta=meta_to_torch(raw.meta),
-                    index=raw.index,
-                    epoch=raw.epoch,
-                    skipped=raw.skipped,
-                    no_partner=raw.no_partner,
-                )
+                yield Batch.from_raw(augment_cpu(crops, raw, self.source.spec, self.output), raw)
             else:
                 yield [torch.from_numpy(c) for c in crops], raw  # shared memory
 
@@ -144,12 +140,58 @@ class ViewsDataset(IterableDataset[Any]):
 def finish_on_device(item: Any, spec: ViewsSpec, output: str, device: str) -> Batch:
     """Main-process half of the GPU path: move uint8 crops and run the float stages there."""
     crops, raw = item
-    views = augment_torch(crops, raw, spec, output, device)
-    return Batch(
-        views=views,
-        meta=meta_to_torch(raw.meta),
-        index=raw.index,
-        epoch=raw.epoch,
-        skipped=raw.skipped,
-        no_partner=raw.no_partner,
-    )
+    return Batch.from_raw(augment_torch(crops, raw, spec, output, device), raw)
+
+
+class TorchBackend:
+    """The ``torch`` loader backend: :class:`ViewsDataset` in ``cfg.num_workers`` DataLoader
+    workers (in the main process with 0); on CUDA the float stages run there in torch."""
+
+    def __init__(self, cfg: LoaderConfig, spec: ViewsSpec) -> None:
+        self.cfg = cfg
+        self.spec = spec
+
+    def iterate(self, source: BatchSource, start: int) -> Iterator[Batch]:
+        on_gpu = self.cfg.device.startswith("cuda")
+        ds = ViewsDataset(source, start, self.cfg.output, augment=not on_gpu)
+        workers = self.cfg.num_workers
+        if workers > 0:
+            dl = torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=on_gpu,
+                worker_init_fn=_worker_init,
+                prefetch_factor=2,
+                multiprocessing_context=_worker_context(),
+            )
+            items: Any = dl
+        else:
+            items = ds
+        for item in items:
+            if on_gpu:
+                item = finish_on_device(item, self.spec, self.cfg.output, self.cfg.device)
+            yield item
+
+    def close(self) -> None:
+        pass
+
+
+def _worker_context() -> str | None:
+    """``fork`` (fast) unless a DALI pipeline ran in this process: DALI's threads and CUDA
+    state do not survive a fork (workers can crash), so then a fresh forkserver is used."""
+    if os.name != "posix":
+        return None
+    return "forkserver" if "pathflow.data.dali_backend" in sys.modules else "fork"
+
+
+def _worker_init(_: int) -> None:
+    import signal
+
+    from pathflow import _core
+
+    torch.set_num_threads(1)
+    _core.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the main process checkpoints and stops the
+    # workers itself, a worker that died of it would end the run with a traceback instead
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -27,12 +27,14 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from pathflow.evaluate.config import RetrievalConfig
 
 log = logging.getLogger("pathflow.eval")
 
@@ -157,24 +159,6 @@ def find_images(root: str | Path, max_images: int | None = None) -> list[Path]:
         raise FileNotFoundError(f"{root}: no such folder")
     paths = sorted(p for p in r.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     return paths[:max_images] if max_images else paths
-
-
-@dataclass
-class RetrievalConfig:
-    """Options of ``pathflow eval retrieval``."""
-
-    data: str = ""
-    arch: str = "vit_small_patch16_224"
-    weights: str | None = None
-    pretrained: bool = False
-    image_size: int | None = None
-    norm: str = "auto"
-    views: str = "simclr"
-    seed: int = 0
-    max_images: int | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    out: str = "pathflow_eval/retrieval"
 
 
 def run_retrieval(cfg: RetrievalConfig) -> dict[str, Any]:

@@ -64,8 +64,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pathflow.config import YamlConfig
-from pathflow.evaluate.slide_knn_cli import FEATURE_CHOICES
+from pathflow.evaluate.config import FEATURE_CHOICES, SlideKnnConfig
 from pathflow.exceptions import ConfigError
 from pathflow.outputs import atomic_path, atomic_write_text
 
@@ -82,46 +81,6 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".v
 #: Values read per HDF5 chunk when averaging (about 64 MB of float64).
 _CHUNK_VALUES = 8 << 20
 _SHOWN = 5
-
-
-@dataclass
-class SlideKnnConfig(YamlConfig):
-    """Everything ``pathflow eval slide-knn`` needs; field names are the YAML keys."""
-
-    _section = "slide_knn"
-
-    inputs: list[str] = field(default_factory=list)
-    labels: str | None = None
-    slide_column: str = "slide"
-    label_column: str = "label"
-    feature: str = "auto"
-    folds: int = 10
-    k: int = 5
-    seed: int = 0
-    logreg_c: float = 1.0
-    out: str = "pathflow_eval/slide_knn"
-    plot: bool = True
-
-    def validate(self) -> None:
-        if not self.inputs:
-            raise ConfigError("give one or more FEATURES folders (or .h5 files) to evaluate")
-        for p in self.inputs:
-            path = Path(p)
-            if not path.is_dir() and not (path.is_file() and path.suffix == ".h5"):
-                raise ConfigError(f"{p}: not a folder of .h5 feature files or an .h5 file")
-        if not self.labels:
-            raise ConfigError("give the slide labels: --labels slides.csv (columns slide,label)")
-        if not Path(self.labels).is_file():
-            raise ConfigError(f"{self.labels}: labels file not found")
-        if self.feature not in FEATURE_CHOICES:
-            raise ConfigError(f"--feature must be one of {', '.join(FEATURE_CHOICES)}, "
-                              f"got {self.feature!r}")  # fmt: skip
-        if self.folds < 2:
-            raise ConfigError(f"--folds must be >= 2, got {self.folds}")
-        if self.k < 1:
-            raise ConfigError(f"--k must be >= 1, got {self.k}")
-        if not self.logreg_c > 0:
-            raise ConfigError(f"--logreg-c must be > 0, got {self.logreg_c}")
 
 
 # --------------------------------------------------------------------------------- inputs

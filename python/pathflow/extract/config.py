@@ -14,24 +14,90 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pathflow.choices import (
+    EXECUTORS,
+    EXTRACT_MODELS,
+    FEATURE_FORMATS,
+    IMAGE_FORMATS,
+    INFERENCE_PRECISIONS,
+    NORM_MODES,
+    REGION_DTYPES,
+    TRANSCODE_MODES,
+    one_of,
+)
 from pathflow.config import YamlConfig
 from pathflow.exceptions import ConfigError
+from pathflow.options import opt
+
+_BACKBONE = "backbone"
+_HIPT = "HIPT regions (input: pathflow tile --shards --region R --region-patches)"
+_COORDS = (
+    "coordinates + slides (input: tile output without shards, its coords/, CLAM's "
+    "patches/*.h5; --slides DIR)"
+)
+_JOBS = "many jobs / a cluster"
 
 
 @dataclass
 class ModelOptions:
     """Backbone fields shared by ``pathflow extract`` and ``pathflow eval``."""
 
-    arch: str | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    image_size: int | None = None
-    norm: str = "auto"
-    batch_size: int = 64
-    workers: int = 2
-    device: str = "auto"
-    precision: str = "auto"
-    compile: bool | None = None
+    arch: str | None = field(
+        default=None,
+        metadata=opt(
+            "timm model name (e.g. vit_small_patch16_224, resnet50) or resnet50_trunc (CLAM's "
+            "1024-d ResNet-50)",
+            group=_BACKBONE,
+        ),
+    )
+    weights: str | None = field(
+        default=None,
+        metadata=opt(
+            "our .safetensors export or a training/DINO/HIPT checkpoint (with --model hipt: "
+            "the ViT-256's, e.g. HIPT's vit256_small_dino.pth)",
+            flags=("--weights-256",),
+            group=_BACKBONE,
+        ),
+    )
+    pretrained: bool = field(
+        default=False,
+        metadata=opt("load timm's pretrained weights (downloaded or cached)", group=_BACKBONE),
+    )
+    image_size: int | None = field(
+        default=None, metadata=opt("input side in pixels (default: the model's)", group=_BACKBONE)
+    )
+    norm: str = field(
+        default="auto",
+        metadata=opt(
+            "normalisation: auto (default: the model's own mean/std with --pretrained or as "
+            "recorded in --weights, else ImageNet's; with --model regions/hipt, HIPT's), model, "
+            "imagenet, hipt (mean = std = 0.5, HIPT's inference)",
+            choices=NORM_MODES,
+            group=_BACKBONE,
+        ),
+    )
+    batch_size: int = field(
+        default=64, metadata=opt("images per forward pass (default 64)", group=_BACKBONE)
+    )
+    workers: int = field(
+        default=2, metadata=opt("read/decode threads (default 2)", group=_BACKBONE)
+    )
+    device: str = field(
+        default="auto",
+        metadata=opt("auto (default: cuda if available), cpu, cuda, cuda:1...", group=_BACKBONE),
+    )
+    precision: str = field(
+        default="auto",
+        metadata=opt(
+            "auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 (also on CPUs with "
+            "bf16 matrix units)",
+            choices=INFERENCE_PRECISIONS,
+            group=_BACKBONE,
+        ),
+    )
+    compile: bool | None = field(
+        default=None, metadata=opt("torch.compile the backbone (default: on CUDA)", group=_BACKBONE)
+    )
 
     def resolved_precision(self) -> str:
         """``precision`` with ``auto`` resolved on this machine: bf16 where ``device`` is a
@@ -50,10 +116,12 @@ class ModelOptions:
             raise ConfigError("no backbone given (--arch NAME, a timm model name)")
         if self.weights is not None and not Path(self.weights).is_file():
             raise ConfigError(f"{self.weights}: weights file not found")
-        if self.norm not in ("auto", "model", "imagenet", "hipt"):
-            raise ConfigError(f"--norm must be auto, model, imagenet or hipt, got {self.norm!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.norm not in NORM_MODES:
+            raise ConfigError(f"--norm must be {one_of(NORM_MODES)}, got {self.norm!r}")
+        if self.precision not in INFERENCE_PRECISIONS:
+            raise ConfigError(
+                f"--precision must be {one_of(INFERENCE_PRECISIONS)}, got {self.precision!r}"
+            )
         if self.batch_size < 1 or self.workers < 1:
             raise ConfigError("--batch-size and --workers must be >= 1")
         if self.image_size is not None and self.image_size < 8:
@@ -66,36 +134,147 @@ class ExtractConfig(ModelOptions, YamlConfig):
 
     _section = "extract"
 
-    inputs: list[str] = field(default_factory=list)
-    out: str = "pathflow_out"
-    features_dir: str = "features"
-    format: str = "h5"
-    overwrite: bool = False
+    inputs: list[str] = field(
+        default_factory=list,
+        metadata=opt(
+            "shards folders, tile output folders, coordinate files/folders (coords/, CLAM's "
+            "patches/) or image folders",
+            positional="*",
+        ),
+    )
+    out: str = field(
+        default="pathflow_out", metadata=opt("output folder (default: pathflow_out)", flags=("-o",))
+    )
+    features_dir: str = field(
+        default="features", metadata=opt("sub-folder of --out for the files (default features)")
+    )
+    format: str = field(
+        default="h5", metadata=opt("h5 (default) or pt (CLAM pt_files)", choices=FEATURE_FORMATS)
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=opt(
+            "redo slides whose features file exists (needed to re-run a features folder with "
+            "options that change the features)"
+        ),
+    )
     #: ``patches``: one feature row per patch; ``regions``: HIPT's [G*G, D] ViT-256 grid per
     #: region (region shards); ``hipt``: regions + ViT-4K -> HIPT's region/slide descriptors
-    model: str = "patches"
-    arch_4k: str = "vit4k_xs"
-    weights_4k: str | None = None
-    keep_region_features: bool = False
-    region_dtype: str = "float16"
+    model: str = field(
+        default="patches",
+        metadata=opt(
+            "patches (default): a feature row per patch; regions: each region's grid of "
+            "ViT-256 [CLS] features, region_features [M, G*G, D] float16 (ViT-4K pretraining "
+            "data); hipt: + ViT-4K -> cls4k, mean256, concat per region and the slide means",
+            choices=EXTRACT_MODELS,
+            group=_HIPT,
+        ),
+    )
+    arch_4k: str = field(
+        default="vit4k_xs",
+        metadata=opt("region model (default vit4k_xs, HIPT's ViT-4K)", group=_HIPT),
+    )
+    weights_4k: str | None = field(
+        default=None,
+        metadata=opt(
+            "ViT-4K weights: a pathflow export/checkpoint of train --method hipt4k, or HIPT's "
+            "vit4k_xs_dino.pth (default: random init)",
+            group=_HIPT,
+        ),
+    )
+    keep_region_features: bool = field(
+        default=False, metadata=opt("with --model hipt, also store region_features", group=_HIPT)
+    )
+    region_dtype: str = field(
+        default="float16",
+        metadata=opt(
+            "dtype of region_features (default float16)", choices=REGION_DTYPES, group=_HIPT
+        ),
+    )
     #: region coordinate inputs: slide folder (default: the files' ``slide_path``) and the
     #: sub-patch size
-    slides: str | None = None
-    region_patch: int = 256
+    slides: str | None = field(
+        default=None,
+        metadata=opt(
+            "with coordinate inputs (pathflow tile output without --shards, its coords/, or "
+            "CLAM patches/*.h5): folder of the slides, found by file stem (default: the "
+            "coordinate files' slide_path)",
+            group=_HIPT,
+        ),
+    )
+    region_patch: int = field(
+        default=256,
+        metadata=opt(
+            "sub-patch size of regions read from coordinates + slides (default 256)", group=_HIPT
+        ),
+    )
     #: coordinate inputs: how patches are read from the slides and encoded before the model,
     #: as ``pathflow tile --shards`` encodes them (``--quality``, ``--transcode``, ``--format``)
-    quality: int = 90
-    transcode: str = "auto"
-    patch_format: str = "jpg"
+    quality: int = field(
+        default=90,
+        metadata=opt(
+            "JPEG quality of patches read from slides, as tile --shards encodes them (default 90)",
+            group=_COORDS,
+        ),
+    )
+    transcode: str = field(
+        default="auto",
+        metadata=opt(
+            "native JPEG tiles passed through where the grid lines up (auto, default), as "
+            "tile --shards",
+            choices=TRANSCODE_MODES,
+            group=_COORDS,
+        ),
+    )
+    patch_format: str = field(
+        default="jpg",
+        metadata=opt(
+            "encoding of patches read from slides, as tile --shards --format (jpg)",
+            choices=IMAGE_FORMATS,
+            group=_COORDS,
+        ),
+    )
     #: many jobs: ``I/N`` or ``auto`` (job-array index); slides of other parts are left alone
-    part: str | None = None
+    part: str | None = field(
+        default=None,
+        metadata=opt(
+            "I/N (0-based) or auto (SLURM/PBS/LSF array, Kubernetes indexed job): only the "
+            "slides of that part (hash of the slide id)",
+            group=_JOBS,
+        ),
+    )
     #: ``local`` or ``dask`` (``scheduler`` / ``scheduler_file``, else a local cluster of
     #: ``dask_workers`` processes, 0: one per GPU or one); ``chunk_slides`` slides per task
-    executor: str = "local"
-    scheduler: str | None = None
-    scheduler_file: str | None = None
-    dask_workers: int = 0
-    chunk_slides: int = 4
+    executor: str = field(
+        default="local",
+        metadata=opt(
+            "local (default) or dask: chunks of slides per task, one model per worker",
+            choices=EXECUTORS,
+            group=_JOBS,
+        ),
+    )
+    scheduler: str | None = field(
+        default=None,
+        metadata=opt(
+            "Dask scheduler address tcp://HOST:PORT (default: a local cluster on 127.0.0.1)",
+            group=_JOBS,
+        ),
+    )
+    scheduler_file: str | None = field(
+        default=None,
+        metadata=opt(
+            "Dask scheduler file (dask scheduler --scheduler-file, dask-jobqueue)", group=_JOBS
+        ),
+    )
+    dask_workers: int = field(
+        default=0,
+        metadata=opt(
+            "worker processes of the local cluster (default: one per GPU, else 1)", group=_JOBS
+        ),
+    )
+    chunk_slides: int = field(
+        default=4, metadata=opt("slides per Dask task (default 4)", group=_JOBS)
+    )
 
     def validate(self) -> None:
         if isinstance(self.inputs, str):
@@ -105,19 +284,19 @@ class ExtractConfig(ModelOptions, YamlConfig):
         if self.model in ("hipt", "regions") and not self.arch:
             self.arch = "vit_small_patch16_224"  # HIPT's ViT-256
         self.validate_model()
-        if self.format not in ("h5", "pt"):
-            raise ConfigError(f"--format must be h5 or pt, got {self.format!r}")
-        if self.model not in ("patches", "regions", "hipt"):
-            raise ConfigError(f"--model must be patches, regions or hipt, got {self.model!r}")
+        if self.format not in FEATURE_FORMATS:
+            raise ConfigError(f"--format must be {one_of(FEATURE_FORMATS)}, got {self.format!r}")
+        if self.model not in EXTRACT_MODELS:
+            raise ConfigError(f"--model must be {one_of(EXTRACT_MODELS)}, got {self.model!r}")
         if self.model != "patches" and self.format != "h5":
             raise ConfigError(f"--model {self.model} writes .h5 files only (not --format pt)")
         if self.weights_4k is not None and not Path(self.weights_4k).is_file():
             raise ConfigError(f"{self.weights_4k}: ViT-4K weights file not found")
         if self.weights_4k is not None and self.model != "hipt":
             raise ConfigError("--weights-4k needs --model hipt")
-        if self.region_dtype not in ("float16", "float32"):
+        if self.region_dtype not in REGION_DTYPES:
             raise ConfigError(
-                f"--region-dtype must be float16 or float32, got {self.region_dtype!r}"
+                f"--region-dtype must be {one_of(REGION_DTYPES)}, got {self.region_dtype!r}"
             )
         self.validate_jobs()
         if not self.features_dir or "/" in self.features_dir or self.features_dir in (".", ".."):
@@ -127,16 +306,20 @@ class ExtractConfig(ModelOptions, YamlConfig):
         """Slide reading, ``--part`` and executor options."""
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"--quality must be in 1..100, got {self.quality}")
-        if self.transcode not in ("auto", "always", "never"):
-            raise ConfigError(f"--transcode must be auto, always or never, got {self.transcode!r}")
-        if self.patch_format not in ("jpg", "png", "webp"):
-            raise ConfigError(f"--patch-format must be jpg, png or webp, got {self.patch_format!r}")
+        if self.transcode not in TRANSCODE_MODES:
+            raise ConfigError(
+                f"--transcode must be {one_of(TRANSCODE_MODES)}, got {self.transcode!r}"
+            )
+        if self.patch_format not in IMAGE_FORMATS:
+            raise ConfigError(
+                f"--patch-format must be {one_of(IMAGE_FORMATS)}, got {self.patch_format!r}"
+            )
         if self.part is not None:
             from pathflow.jobs.partition import parse_part
 
             parse_part(self.part)
-        if self.executor not in ("local", "dask"):
-            raise ConfigError(f"--executor must be local or dask, got {self.executor!r}")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(f"--executor must be {one_of(EXECUTORS)}, got {self.executor!r}")
         if (self.scheduler or self.scheduler_file) and self.executor != "dask":
             raise ConfigError("--scheduler / --scheduler-file need --executor dask")
         if self.scheduler and self.scheduler_file:

@@ -1,7 +1,7 @@
 """Backbones for feature extraction: any timm model by name, optionally with our weights.
 
-Models are built and weights loaded by :func:`pathflow.train.load_backbone` (the one public
-loader: ``pathflow.train.backbones.create_backbone``, any timm name or ``resnet50_trunc``;
+Models are built and weights loaded by :func:`pathflow.models.weights.load_backbone` (the one
+public loader: ``pathflow.models.backbones.create_backbone``, any timm name or ``resnet50_trunc``;
 ``--weights`` is a ``.safetensors`` export of ``pathflow train``, one of its checkpoints, a
 DINO-style checkpoint (teacher backbone) or a plain state dict; keys must match the model
 exactly, classifier heads aside). :func:`load_extractor` wraps the module frozen on a device
@@ -181,7 +181,7 @@ def load_extractor(
     precision: str = "auto",
     compile: bool | None = None,
 ) -> Backbone:
-    """Create ``arch`` with its weights (:func:`pathflow.train.load_backbone`), frozen in eval
+    """Create ``arch`` with its weights (:func:`pathflow.models.load_backbone`), frozen in eval
     mode on ``device``. Random initialisation (no weights) is seeded. ``weights_sha256``: the
     weights file's digest if the caller has it (else computed here), recorded in the attrs.
     ``norm_fallback``: see :func:`resolve_norm`. ``precision``: ``auto`` (bf16 autocast on
@@ -190,9 +190,9 @@ def load_extractor(
     import timm
     import torch
 
+    from pathflow.models.backbones import CUSTOM_BACKBONES
+    from pathflow.models.weights import ArchMismatchError, load_backbone, weights_normalization
     from pathflow.outputs import sha256_file
-    from pathflow.train.backbones import CUSTOM_BACKBONES
-    from pathflow.train.export import ArchMismatchError, load_backbone, weights_normalization
 
     if norm not in NORMS:
         raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
@@ -256,10 +256,10 @@ def load_extractor(
 
 
 def read_state_dict(path: str) -> dict[str, Any]:
-    """Backbone state dict of a weights file (``pathflow.train.export.load_backbone_state``:
+    """Backbone state dict of a weights file (``pathflow.models.weights.load_backbone_state``:
     our exports and checkpoints, DINO-style ``teacher``/``student`` dicts, plain state dicts;
     ``module.``/``_orig_mod.``/``backbone.`` prefixes removed)."""
-    from pathflow.train.export import load_backbone_state
+    from pathflow.models.weights import load_backbone_state
 
     try:
         return dict(load_backbone_state(path))

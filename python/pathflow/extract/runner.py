@@ -420,7 +420,7 @@ def _load_vit4k(cfg: ExtractConfig, backbone: Any) -> tuple[Any, dict[str, Any]]
     from pathflow.exceptions import PathflowError
     from pathflow.extract.model import WeightsError, read_state_dict
     from pathflow.models import list_models
-    from pathflow.train.export import load_backbone
+    from pathflow.models.weights import load_backbone
 
     state = read_state_dict(cfg.weights_4k) if cfg.weights_4k else None
     kwargs: dict[str, Any] = {}

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pathflow.exceptions import ConfigError
-from pathflow.extract.sources import PatchGroup, PatchRef, RegionGroup, SourceError
+from pathflow.extract.types import PatchGroup, PatchRef, RegionGroup, SourceError
 
 #: Slide file extensions looked up in ``--slides``.
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
@@ -241,9 +241,9 @@ def coords_groups(
     keep: Callable[[str], bool] | None = None,
 ) -> list[PatchGroup]:
     """One group per coordinate file, its refs produced from the slide: a
-    :class:`~pathflow.extract.sources.PatchGroup` of patches (``region_patch`` 0, the features
+    :class:`~pathflow.extract.types.PatchGroup` of patches (``region_patch`` 0, the features
     of ``pathflow extract`` on patch shards), else a
-    :class:`~pathflow.extract.sources.RegionGroup` of regions cut into ``region_patch`` px
+    :class:`~pathflow.extract.types.RegionGroup` of regions cut into ``region_patch`` px
     sub-patches. ``keep(stem)`` selects files by stem (the slide id, ``--part``) before they
     are opened."""
     opts = options or SlideReadOptions()

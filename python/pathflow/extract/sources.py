@@ -31,51 +31,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from pathflow.exceptions import ConfigError, PathflowError
-
-if TYPE_CHECKING:
-    from pathflow.extract.slide_regions import SlideReadOptions
+from pathflow.exceptions import ConfigError
+from pathflow.extract.slide_regions import SlideReadOptions, coords_groups, is_coords_folder
+from pathflow.extract.types import PatchGroup, PatchRef, RegionGroup, SourceError
 
 #: ``kind`` of coordinate-file inputs (:func:`discover`).
 COORDS_KIND = "coordinates + slides"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 _XY = re.compile(r"(\d+)[_-](\d+)$")
-
-
-class SourceError(PathflowError):
-    """An input folder, shard or index cannot be used (the message names the file)."""
-
-
-@dataclass(frozen=True)
-class PatchRef:
-    """Bytes of one encoded image: ``size`` bytes at ``offset`` of ``path`` (-1: whole file),
-    or ``data`` already in memory (regions read from slides), or the ``error`` that kept it
-    from being produced."""
-
-    path: str
-    offset: int = 0
-    size: int = -1
-    data: bytes | None = None
-    error: str | None = None
-
-
-@dataclass
-class PatchGroup:
-    """Patches written to one features file: refs, level-0 coords (N, 2), optional names."""
-
-    name: str
-    refs: list[PatchRef]
-    coords: npt.NDArray[np.int64]
-    names: list[str] | None = None
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.refs)
 
 
 class ByteReader:
@@ -134,8 +101,6 @@ def discover(
     coordinate files + slides (a tile output folder without shards, its ``coords/``, CLAM's
     ``patches/``; read as ``read`` says) or an image folder. ``keep(slide id)`` selects the
     coordinate files to open (``--part``; other inputs are filtered by the caller)."""
-    from pathflow.extract.slide_regions import coords_groups, is_coords_folder
-
     p = Path(path)
     if p.is_file() and p.suffix == ".h5" and is_coords_folder(p):
         return COORDS_KIND, coords_groups(p, read, 0, keep)
@@ -360,19 +325,6 @@ def image_folder_groups(root: Path) -> list[PatchGroup]:
 
 
 # ------------------------------------------------------------------------------------- regions
-@dataclass
-class RegionGroup(PatchGroup):
-    """The regions of one slide for region features: ``refs`` holds every region's
-    ``grid x grid`` sub-patches (region after region, each in row-major order), ``coords``
-    the level-0 top-left corner of each region (one row per region)."""
-
-    grid: int = 0
-
-    @property
-    def num_regions(self) -> int:
-        return len(self.coords)
-
-
 def region_shard_groups(sdir: Path) -> list[RegionGroup]:
     """Regions of ``pathflow tile --shards --region R --region-patches`` shards, grouped by
     slide: each sample's ``p000.<ext>``... sub-patches (refs into the tars), region
@@ -458,8 +410,6 @@ def discover_regions(
     folder holding ``shards/``), else of region coordinate files + slides
     (:mod:`pathflow.extract.slide_regions`; ``read`` replaces ``slides``, ``keep`` as for
     :func:`discover`)."""
-    from pathflow.extract.slide_regions import SlideReadOptions, coords_groups, is_coords_folder
-
     p = Path(path)
     if p.is_dir() and ((p / "shards.json").is_file() or any(p.glob("*.tar"))):
         return "region shards", region_shard_groups(p)

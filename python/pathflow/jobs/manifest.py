@@ -33,6 +33,7 @@ from typing import Any
 from pathflow.jobs.partition import format_part
 
 __all__ = [
+    "MANIFEST_FIELDS",
     "ManifestLog",
     "done_path",
     "latest_rows",
@@ -43,6 +44,14 @@ __all__ = [
     "write_done",
     "write_manifest_csv",
 ]
+
+#: Columns of a job's ``manifest.csv``, one row per slide (the rows ``pathflow tile`` writes;
+#: ``pathflow.tiling.slide_task`` re-exports it).
+MANIFEST_FIELDS = [
+    "slide", "path", "status", "patches", "mpp", "mpp_source", "target_mpp", "patch_level",
+    "patch_size", "patch_size_level0", "seg_level", "tissue_mm2", "seconds", "resumed",
+    "shard_samples", "error",
+]  # fmt: skip
 
 _NAME_RE = re.compile(r"^part-(\d{4,})-of-(\d{4,})\.(jsonl|done)$")
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pathflow.exceptions import ConfigError, PathflowError
 from pathflow.jobs.manifest import (
+    MANIFEST_FIELDS,
     latest_rows,
     list_parts,
     manifest_path,
@@ -96,13 +98,13 @@ def merge_job(
     allow_partial: bool = False,
     ranks: int = 8,
     workers: int = 8,
+    fields: Sequence[str] = MANIFEST_FIELDS,
 ) -> MergeReport:
     """Write ``JOB/manifest.csv`` and (when the job wrote shards) ``JOB/shards/shards.json``
     from the parts' manifests and shard folders. Raises a one-line error naming the missing
     parts unless ``allow_partial``. Warns (in the report) when the job has fewer shards than
-    ``ranks * workers`` loader streams."""
-    from pathflow.tiling.slide_task import MANIFEST_FIELDS
-
+    ``ranks * workers`` loader streams. ``fields``: the columns of ``manifest.csv`` (the
+    caller's schema; default: the rows ``pathflow tile`` writes)."""
     jd = Path(job)
     if not (jd / "config.yaml").is_file():
         raise ConfigError(f"{jd}: no config.yaml (not a pathflow tile job folder)")
@@ -132,7 +134,7 @@ def merge_job(
             "(pathflow tile --part I/N with the same options) or merge with --allow-partial"
         )
     report.rows = sorted(slides, key=lambda r: str(r["slide"]))
-    write_manifest_csv(jd / "manifest.csv", report.rows, MANIFEST_FIELDS)
+    write_manifest_csv(jd / "manifest.csv", report.rows, fields)
     if with_shards:
         _merge_shards(jd, n, report)
         streams = ranks * workers

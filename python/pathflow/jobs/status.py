@@ -108,7 +108,7 @@ def _expected_slides(job: Path) -> set[str] | None:
     try:
         import yaml
 
-        from pathflow.tiling.runner import discover, slide_id
+        from pathflow.inputs import discover, slide_id
 
         cfg: Any = yaml.safe_load((job / "config.yaml").read_text()) or {}
         inputs = cfg.get("inputs") or []

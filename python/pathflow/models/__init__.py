@@ -1,6 +1,13 @@
-"""pathflow's own models (timm covers the rest), behind a timm-style registry.
+"""Models: backbone creation and weight loading/export, below ``train``, ``extract`` and
+``evaluate`` (which import from here, never the reverse).
 
-* ``vit4k_xs``: HIPT's ViT-4K over grids of ViT-256 features (:mod:`pathflow.models.vit4k`).
+* :mod:`pathflow.models.backbones`: ``create_backbone`` (any timm name, CLAM's
+  ``resnet50_trunc``, pathflow's own models), ``check_backbone``.
+* :mod:`pathflow.models.weights`: timm-compatible ``.safetensors`` export, and strict loading of
+  our checkpoints and exports, DINO/HIPT training checkpoints and plain state dicts.
+* :mod:`pathflow.models.registry`: pathflow's own models (timm covers the rest), behind a
+  timm-style registry; ``vit4k_xs`` is HIPT's ViT-4K over grids of ViT-256 features
+  (:mod:`pathflow.models.vit4k`).
 * :mod:`pathflow.models.hipt`: the 256 -> 4096 hierarchy (ViT-256 patch features of a
   region's grid, ViT-4K region descriptors) and loading HIPT's published checkpoints.
 * :mod:`pathflow.models.pos_embed`: DINO's position-embedding resize, used by every timm
@@ -16,39 +23,29 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from typing import Any
 
-from torch import nn
-
 from pathflow.models.pos_embed import interpolate_pos_encoding, use_dino_pos_embed
+from pathflow.models.registry import create_model, list_models
 from pathflow.models.vit4k import ViT4K, vit4k_xs
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {"vit4k_xs": vit4k_xs}
+#: Names imported on first use (timm, safetensors), so ``import pathflow.models`` stays light.
+_LAZY = {
+    "create_backbone": "pathflow.models.backbones",
+    "check_backbone": "pathflow.models.backbones",
+    "export_backbone": "pathflow.models.weights",
+    "load_backbone": "pathflow.models.weights",
+    "load_backbone_state": "pathflow.models.weights",
+    "ArchMismatchError": "pathflow.models.weights",
+}
 
-#: Keyword arguments of ``timm.create_model`` that pathflow's models accept and ignore
-#: (they are built for feature grids, not images).
-_IMAGE_KWARGS = ("img_size", "dynamic_img_size", "num_classes", "pretrained")
 
-
-def list_models() -> list[str]:
-    """Names of pathflow's own models."""
-    return sorted(_MODELS)
-
-
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build one of :func:`list_models` (``drop_path_rate``, ``drop_rate``... passed on).
-
-    Raises ``KeyError`` naming the known models for an unknown name, and ``ValueError`` for
-    ``pretrained=True`` (load published weights with :func:`pathflow.models.hipt.load_hipt_model`).
-    """
-    if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r} (pathflow models: {', '.join(list_models())})")
-    if kwargs.get("pretrained"):
-        raise ValueError(f"{name}: no built-in pretrained weights; pass a weights file instead")
-    for k in _IMAGE_KWARGS:
-        kwargs.pop(k, None)
-    return _MODELS[name](**kwargs)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pathflow.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [
@@ -58,4 +55,5 @@ __all__ = [
     "list_models",
     "use_dino_pos_embed",
     "vit4k_xs",
+    *sorted(_LAZY),
 ]

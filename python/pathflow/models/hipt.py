@@ -88,7 +88,7 @@ def load_hipt_model(
     DINO training checkpoint (teacher; ``module.``/``backbone.`` removed; ``head.*``
     ignored). Any other missing, unexpected or mis-shaped key raises
     :class:`~pathflow.exceptions.PathflowError` naming it."""
-    from pathflow.train.export import load_backbone
+    from pathflow.models.weights import load_backbone
 
     return load_backbone(arch, weights, **kwargs)
 

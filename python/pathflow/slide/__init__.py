@@ -15,7 +15,7 @@ Example:
     >>> with open_slide("CMU-1.svs") as slide:  # doctest: +SKIP
     ...     print(slide.backend, slide.dimensions, slide.mpp)
     ...     rgb = slide.read_region((0, 0), 0, (512, 512))  # (512, 512, 3) uint8
-    openslide (46000, 32914) 0.499
+    tiffslide (46000, 32914) 0.499
 """
 
 from __future__ import annotations
@@ -31,25 +31,26 @@ from pathflow.exceptions import (
     InvalidArgumentError,
     UnsupportedFormatError,
 )
-from pathflow.slide.base import (
+from pathflow.slide.base import SlideReader
+from pathflow.slide.cucim_reader import CuCIMReader
+from pathflow.slide.image_reader import ImageReader
+from pathflow.slide.mpp import (
     MPP_MAX,
     MPP_MIN,
-    SlideReader,
     check_mpp_override,
     load_mpp_csv,
     lookup_mpp,
     resolve_mpp,
-    sniff_format,
 )
-from pathflow.slide.cucim_reader import CuCIMReader
-from pathflow.slide.image_reader import ImageReader
 from pathflow.slide.openslide_reader import OpenSlideReader
+from pathflow.slide.sniff import sniff_format
 from pathflow.slide.tiffslide_reader import TiffSlideReader
 
 __all__ = [
     "MPP_MAX",
     "MPP_MIN",
     "SlideReader",
+    "check_mpp_override",
     "list_backends",
     "load_mpp_csv",
     "lookup_mpp",

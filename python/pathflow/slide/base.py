@@ -1,10 +1,14 @@
-"""The :class:`SlideReader` interface shared by all slide backends, plus mpp helpers.
+"""The :class:`SlideReader` interface shared by all slide backends.
 
 A reader wraps one open slide file. Coordinates follow OpenSlide: ``location`` is the
 top-left corner in level-0 pixels ``(x, y)``, ``size`` is ``(width, height)`` in pixels of
 the requested level, and pixels come back as an ``(H, W, 3)`` C-contiguous ``uint8`` RGB
 array. Pixels outside the slide, and pixels the file marks fully transparent, are white
 (255, 255, 255), exactly like OpenSlide's RGBA output composited onto a white background.
+
+The helpers readers share live beside it and are re-exported here: file sniffing
+(:mod:`~pathflow.slide.sniff`), mpp values and tables (:mod:`~pathflow.slide.mpp`) and pixel
+coercion (:mod:`~pathflow.slide.pixels`).
 
 Example:
     >>> from pathflow.slide import open_slide
@@ -18,11 +22,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import csv
-import math
 import operator
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -32,12 +33,35 @@ import numpy as np
 from PIL import Image
 
 from pathflow.exceptions import (
-    ConfigError,
     CorruptSlideError,
     InvalidArgumentError,
-    MissingMppError,
     SlideError,
     UnsupportedFormatError,
+)
+from pathflow.slide.mpp import (
+    MPP_MAX,
+    MPP_MIN,
+    _to_float,
+    check_mpp_override,
+    load_mpp_csv,
+    lookup_mpp,
+    mean_mpp,
+    resolve_mpp,
+)
+from pathflow.slide.pixels import (
+    composite_on_white,
+    level_origin,
+    region_overlaps,
+    to_rgb_uint8,
+    white,
+    whiten_outside,
+)
+from pathflow.slide.sniff import (
+    _exc_text,
+    _one_line,
+    sniff_format,
+    tiff_header_problem,
+    tiff_resolution_mpp,
 )
 
 __all__ = [
@@ -45,242 +69,20 @@ __all__ = [
     "MPP_MIN",
     "SlideReader",
     "check_mpp_override",
+    "composite_on_white",
+    "level_origin",
     "load_mpp_csv",
     "lookup_mpp",
+    "mean_mpp",
+    "region_overlaps",
     "resolve_mpp",
     "sniff_format",
+    "tiff_header_problem",
     "tiff_resolution_mpp",
+    "to_rgb_uint8",
+    "white",
+    "whiten_outside",
 ]
-
-#: Plausible microns-per-pixel range for a scanned slide (level 0), inclusive.
-MPP_MIN = 0.05
-MPP_MAX = 20.0
-
-_WHITE = 255
-
-
-def _one_line(text: object) -> str:
-    """Collapse a (library) message onto one line."""
-    out = " ".join(str(text).split())
-    return out or "unknown error"
-
-
-def _exc_text(exc: BaseException) -> str:
-    msg = _one_line(exc) if str(exc).strip() else ""
-    return msg or type(exc).__name__
-
-
-# --------------------------------------------------------------------------- file sniffing
-
-
-def sniff_format(path: str | os.PathLike[str]) -> str | None:
-    """Guess a file's container from its first bytes.
-
-    Returns:
-        ``"tiff"`` (classic or BigTIFF, so also SVS, NDPI...), ``"jpeg"``, ``"png"``,
-        ``"bmp"``, ``"gif"``, ``"webp"``, ``"jp2"`` or ``None`` if unknown or unreadable.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return None
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if head[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if head[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if head[:2] == b"BM":
-        return "bmp"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
-        return "jp2"
-    return None
-
-
-def tiff_header_problem(path: str | os.PathLike[str]) -> str | None:
-    """Explain why a file with a TIFF signature has no readable image directory, if it can.
-
-    Checks the first-IFD offset of the header against the file size, which catches the
-    common case of a slide truncated during copy (TIFF writers put the IFDs at the end).
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            size = os.fstat(f.fileno()).st_size
-    except OSError as exc:
-        return _exc_text(exc)
-    if head[:2] not in (b"II", b"MM") or len(head) < 8:
-        return None
-    endian = "<" if head[:2] == b"II" else ">"
-    magic = struct.unpack(endian + "H", head[2:4])[0]
-    if magic == 42:
-        offset = struct.unpack(endian + "I", head[4:8])[0]
-    elif magic == 43 and len(head) >= 16:
-        offset = struct.unpack(endian + "Q", head[8:16])[0]
-    else:
-        return None
-    if offset == 0:
-        return "TIFF header points to no image directory"
-    if offset >= size:
-        return (
-            f"first TIFF directory at byte {offset} is beyond the end of the file "
-            f"({size} bytes); the file is probably truncated"
-        )
-    return None
-
-
-def tiff_resolution_mpp(path: str | os.PathLike[str]) -> float | None:
-    """Microns per pixel from the first page's TIFF ``X/YResolution`` + ``ResolutionUnit``.
-
-    Same rules as tiffslide's generic-TIFF parser (and OpenSlide's): the unit tag must be
-    present and be inch, centimetre, millimetre or micrometre. Returns the mean of x and y,
-    or ``None`` when the tags are absent, unitless, zero or the file is not a readable TIFF.
-    """
-    try:
-        import tifffile
-    except ImportError:  # pragma: no cover - tifffile is a dependency
-        return None
-    scale_by_unit = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
-    try:
-        with tifffile.TiffFile(path) as tf:
-            if not tf.pages:
-                return None
-            tags = tf.pages[0].tags
-            unit_tag = tags.get("ResolutionUnit")
-            xres_tag = tags.get("XResolution")
-            yres_tag = tags.get("YResolution")
-            if unit_tag is None or xres_tag is None or yres_tag is None:
-                return None
-            scale = scale_by_unit.get(int(unit_tag.value))
-            xres, yres = _rational(xres_tag.value), _rational(yres_tag.value)
-    except Exception:
-        return None
-    if scale is None or not xres or not yres:
-        return None
-    return mean_mpp(scale / xres, scale / yres)
-
-
-def _rational(value: Any) -> float | None:
-    try:
-        if isinstance(value, tuple | list):
-            num, den = value
-            return float(num) / float(den) if den else None
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _to_float(value: Any) -> float | None:
-    """Parse a metadata value as a positive finite float, else ``None``."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) and out > 0 else None
-
-
-def mean_mpp(x: Any, y: Any) -> float | None:
-    """Average of the x and y mpp; one of them alone if only one is usable."""
-    fx, fy = _to_float(x), _to_float(y)
-    if fx is not None and fy is not None:
-        return (fx + fy) / 2.0
-    return fx if fx is not None else fy
-
-
-# --------------------------------------------------------------------------- pixel helpers
-
-
-def composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """Composite straight (non-premultiplied) RGBA ``uint8`` onto white; return RGB.
-
-    Fully transparent pixels become exactly 255; opaque ones keep their colour.
-    """
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3:4]
-    if alpha.size == 0 or bool((alpha == 255).all()):
-        return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.uint32)
-    out = (rgb.astype(np.uint32) * a + _WHITE * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
-
-
-def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
-    """Coerce a decoded region (gray, gray+alpha, RGB, RGBA; 8 or 16 bit) to RGB ``uint8``."""
-    if arr.ndim == 2:
-        arr = arr[..., np.newaxis]
-    if arr.ndim != 3:
-        raise ValueError(f"unexpected pixel array shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        if arr.dtype == np.uint16:
-            arr = (arr >> 8).astype(np.uint8)
-        elif arr.dtype == np.bool_:
-            arr = arr.astype(np.uint8) * 255
-        elif np.issubdtype(arr.dtype, np.floating):
-            arr = np.clip(np.nan_to_num(arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        else:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-    channels = arr.shape[2]
-    if channels == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    elif channels == 2:  # gray + alpha
-        arr = composite_on_white(
-            np.concatenate([np.repeat(arr[..., :1], 3, axis=2), arr[..., 1:]], 2)
-        )
-    elif channels == 4:
-        arr = composite_on_white(arr)
-    elif channels > 4:
-        arr = arr[..., :3]
-    return np.ascontiguousarray(arr)
-
-
-def level_origin(location: tuple[int, int], downsample: float) -> tuple[int, int]:
-    """Top-left pixel of a region in level coordinates: ``int(x / ds)`` (truncation).
-
-    This is the mapping used by tiffslide and cuCIM. OpenSlide instead renders at the exact
-    fractional position ``x / ds``, so at levels with a non-integer downsample its pixels can
-    be shifted by a fraction of a pixel and interpolated.
-    """
-    x, y = location
-    return int(x / downsample), int(y / downsample)
-
-
-def whiten_outside(
-    arr: np.ndarray, origin: tuple[int, int], level_size: tuple[int, int]
-) -> np.ndarray:
-    """Set the pixels of a region that fall outside ``[0, W) x [0, H)`` to white (in place)."""
-    lx0, ly0 = origin
-    lw, lh = level_size
-    h, w = arr.shape[:2]
-    x_lo, x_hi = max(0, -lx0), max(0, min(w, lw - lx0))
-    y_lo, y_hi = max(0, -ly0), max(0, min(h, lh - ly0))
-    if x_lo >= x_hi or y_lo >= y_hi:
-        arr[...] = _WHITE
-        return arr
-    arr[:y_lo] = _WHITE
-    arr[y_hi:] = _WHITE
-    arr[:, :x_lo] = _WHITE
-    arr[:, x_hi:] = _WHITE
-    return arr
-
-
-def region_overlaps(
-    origin: tuple[int, int], size: tuple[int, int], level_size: tuple[int, int]
-) -> bool:
-    """Whether a level-coordinate rectangle intersects the level."""
-    (lx0, ly0), (w, h), (lw, lh) = origin, size, level_size
-    return lx0 < lw and ly0 < lh and lx0 + w > 0 and ly0 + h > 0
-
-
-def white(size: tuple[int, int]) -> np.ndarray:
-    w, h = size
-    return np.full((h, w, 3), _WHITE, dtype=np.uint8)
 
 
 def _int_pair(value: Any, what: str) -> tuple[int, int]:
@@ -592,134 +394,3 @@ class SlideReader(abc.ABC):
                 f"{self.path}: level {level} out of range (slide has {self.level_count} levels)"
             )
         return level
-
-
-# --------------------------------------------------------------------------- mpp helpers
-
-
-def check_mpp_override(value: float, what: str = "mpp override") -> float:
-    """Validate a user-given mpp: a finite number within :data:`MPP_MIN`..:data:`MPP_MAX`."""
-    if isinstance(value, bool):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}")
-    try:
-        mpp = float(value)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"{what} must be a number, got {value!r}") from None
-    if not (math.isfinite(mpp) and MPP_MIN <= mpp <= MPP_MAX):
-        raise InvalidArgumentError(
-            f"{what} {value} um/px is outside the plausible range {MPP_MIN:g}-{MPP_MAX:g}"
-        )
-    return mpp
-
-
-def resolve_mpp(reader: SlideReader, override: float | None) -> float:
-    """The microns per pixel to use for ``reader``'s level 0.
-
-    Returns ``override`` if given (validated: 0.05-20 um/px, else InvalidArgumentError),
-    else ``reader.mpp`` (the ``open_slide(mpp=)`` override or the file's value) if it is
-    plausible (0.05 <= mpp <= 20).
-
-    Raises:
-        MissingMppError: the slide has no mpp metadata, or an implausible value (e.g. a TIFF
-            whose resolution tags say 72 dpi); the message tells to pass ``--slide-mpp``.
-    """
-    if override is not None:
-        return check_mpp_override(override)
-    mpp = reader.mpp
-    if mpp is None:
-        raise MissingMppError(
-            f"{reader.path}: slide has no microns-per-pixel metadata; pass --slide-mpp"
-        )
-    if not (MPP_MIN <= mpp <= MPP_MAX):
-        raise MissingMppError(
-            f"{reader.path}: slide reports implausible mpp {mpp:.4g} um/px "
-            f"(expected {MPP_MIN:g}-{MPP_MAX:g}); pass --slide-mpp"
-        )
-    return mpp
-
-
-def _path_keys(slide: str, base: Path) -> list[str]:
-    """Keys under which a CSV slide entry is stored: full path (for entries with a
-    directory part, relative ones resolved against ``base``), text as written, name, stem.
-    The first key is the entry's identity."""
-    p = Path(slide).expanduser()
-    keys = [str((base / p).resolve())] if p.is_absolute() or len(p.parts) > 1 else []
-    keys += [slide, p.name, p.stem]
-    return list(dict.fromkeys(k for k in keys if k))
-
-
-def load_mpp_csv(path: str | os.PathLike[str]) -> dict[str, float]:
-    """Read a per-slide mpp table: a CSV with header ``slide,mpp`` (extra columns ignored).
-
-    ``slide`` may be a file name (``a.svs``), a stem (``a``) or a path (absolute, or relative
-    to the CSV's directory). Every row is stored under its full path (for path entries), the
-    text as written, the file name and the stem, so :func:`lookup_mpp` finds a slide by any
-    of them; a stem or name shared by rows with different mpp is dropped as ambiguous.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ConfigError: (an InvalidArgumentError) missing columns, empty slide, an mpp that is
-            not a number in 0.05-20, or the same slide listed twice with different values.
-            The message gives ``<csv>:<line>``.
-    """
-    csv_path = Path(path).expanduser()
-    table: dict[str, float] = {}
-    exact: dict[str, tuple[float, int]] = {}
-    ambiguous: set[str] = set()
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header: list[str] | None = None
-        for row in reader:
-            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-                continue
-            header = [c.strip().lower() for c in row]
-            break
-        if header is None or "slide" not in header or "mpp" not in header:
-            raise ConfigError(
-                f"{csv_path}: expected a header with columns 'slide,mpp', got "
-                f"{','.join(header) if header else 'an empty file'}"
-            )
-        i_slide, i_mpp = header.index("slide"), header.index("mpp")
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not c.strip() for c in row) or row[0].lstrip().startswith("#"):
-                continue
-            if len(row) <= max(i_slide, i_mpp):
-                raise ConfigError(f"{csv_path}:{line}: expected columns slide,mpp, got {row!r}")
-            slide, raw = row[i_slide].strip(), row[i_mpp].strip()
-            if not slide:
-                raise ConfigError(f"{csv_path}:{line}: empty slide name")
-            try:
-                mpp = check_mpp_override(float(raw), "mpp")
-            except (ValueError, InvalidArgumentError):
-                raise ConfigError(
-                    f"{csv_path}:{line}: invalid mpp {raw!r} for slide {slide!r} "
-                    f"(expected a number in {MPP_MIN:g}-{MPP_MAX:g} um/px)"
-                ) from None
-            keys = _path_keys(slide, csv_path.parent)
-            primary, loose = keys[0], keys[1:]
-            if primary in exact and exact[primary][0] != mpp:
-                raise ConfigError(
-                    f"{csv_path}:{line}: slide {slide!r} already listed on line "
-                    f"{exact[primary][1]} with mpp {exact[primary][0]:g}"
-                )
-            exact[primary] = (mpp, line)
-            table[primary] = mpp
-            for key in loose:
-                if key in ambiguous or key in exact:
-                    continue
-                if key in table and table[key] != mpp:
-                    ambiguous.add(key)
-                    del table[key]
-                else:
-                    table[key] = mpp
-    return table
-
-
-def lookup_mpp(table: dict[str, float], slide_path: str | os.PathLike[str]) -> float | None:
-    """Find a slide's mpp in a :func:`load_mpp_csv` table by full path, name or stem."""
-    p = Path(os.fspath(slide_path)).expanduser()
-    for key in (str(p.resolve()), os.fspath(slide_path), p.name, p.stem):
-        if key in table:
-            return table[key]
-    return None

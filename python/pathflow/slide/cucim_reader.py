@@ -35,16 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from pathflow.slide.base import (
-    SlideReader,
-    level_origin,
-    mean_mpp,
-    region_overlaps,
-    sniff_format,
-    tiff_resolution_mpp,
-    to_rgb_uint8,
-    white,
-)
+from pathflow.slide.base import SlideReader
+from pathflow.slide.mpp import mean_mpp
+from pathflow.slide.pixels import level_origin, region_overlaps, to_rgb_uint8, white
+from pathflow.slide.sniff import sniff_format, tiff_resolution_mpp
 
 __all__ = ["CuCIMReader"]
 

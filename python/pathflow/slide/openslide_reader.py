@@ -21,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from pathflow.slide.base import SlideReader, composite_on_white, mean_mpp, tiff_resolution_mpp
+from pathflow.slide.base import SlideReader
+from pathflow.slide.mpp import mean_mpp
+from pathflow.slide.pixels import composite_on_white
+from pathflow.slide.sniff import tiff_resolution_mpp
 
 __all__ = ["OpenSlideReader"]
 

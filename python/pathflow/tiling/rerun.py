@@ -7,7 +7,7 @@ folder, unless ``--overwrite`` (then the run's slides are redone under the new o
 
 What may change between runs into one folder:
 
-* how a run runs (:data:`pathflow.tiling.runner.JOB_FIELDS`: workers, threads, ...) and which
+* how a run runs (:data:`JOB_FIELDS`: workers, threads, ...) and which
   slides it tiles (inputs, ``--sample``, ``--recursive``): adding slides resumes;
 * the shard options while the folder holds no shards (``--shards`` can be added later);
 * ``--slide-mpp`` / ``--slide-mpp-csv`` / ``--force-slide-mpp`` as long as every finished
@@ -29,6 +29,11 @@ from typing import Any
 from pathflow.exceptions import ConfigError, PathflowError
 from pathflow.tiling.config import TileConfig
 
+#: Config fields that may differ between the jobs sharing a job folder (how a job runs, not
+#: what it writes).
+JOB_FIELDS = frozenset(
+    {"part", "executor", "scheduler", "scheduler_file", "workers", "threads", "overwrite", "out"}
+)
 #: Options that choose which slides a run tiles, not what a slide's outputs hold.
 SELECTION_FIELDS = frozenset({"inputs", "sample", "recursive"})
 #: Options that shape the shards only.
@@ -47,8 +52,6 @@ def option_groups(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(options that change coords/masks/overlays, options that change shards) of a config
     dict; run, selection and mpp options are left out."""
     import yaml
-
-    from pathflow.tiling.runner import JOB_FIELDS
 
     plain = yaml.safe_load(yaml.safe_dump(d)) or {}
     for k, v in _LEGACY.items():

@@ -30,7 +30,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -38,10 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from pathflow.exceptions import ConfigError
+from pathflow.inputs import (
+    SLIDE_EXTENSIONS,
+    discover,
+    discover_inputs,
+    no_slides_message,
+    slide_id,
+)
 from pathflow.jobs.claims import DEFAULT_HEARTBEAT, DEFAULT_STALE, Claim, try_claim
 from pathflow.jobs.manifest import ManifestLog, manifest_path, write_done, write_manifest_csv
 from pathflow.jobs.partition import format_part, parse_part, part_of
 from pathflow.tiling.config import TileConfig
+from pathflow.tiling.rerun import JOB_FIELDS, check_rerun
 from pathflow.tiling.slide_task import MANIFEST_FIELDS, process_slide
 
 log = logging.getLogger("pathflow.tile")
@@ -49,6 +57,7 @@ log = logging.getLogger("pathflow.tile")
 __all__ = [
     "JOB_FIELDS",
     "MANIFEST_FIELDS",
+    "SLIDE_EXTENSIONS",
     "TileReport",
     "check_job_config",
     "discover",
@@ -58,17 +67,6 @@ __all__ = [
     "slide_id",
     "tile_slides",
 ]
-
-#: Config fields that may differ between the jobs sharing a job folder (how a job runs, not
-#: what it writes).
-JOB_FIELDS = frozenset(
-    {"part", "executor", "scheduler", "scheduler_file", "workers", "threads", "overwrite", "out"}
-)
-
-SLIDE_EXTENSIONS = (
-    ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".svslide", ".bif",
-    ".jpg", ".jpeg", ".png", ".bmp",
-)  # fmt: skip
 
 
 @dataclass
@@ -103,76 +101,6 @@ class TileReport:
         if self.shards is not None:
             text += "\n" + self.shards.summary()
         return text
-
-
-def slide_id(path: Path) -> str:
-    """Slide identifier: the file name without its extension (dots inside are kept)."""
-    name = path.name
-    for ext in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
-def discover_inputs(
-    inputs: Iterable[str | os.PathLike[str]], recursive: bool = False
-) -> tuple[list[Path], list[tuple[Path, Path]]]:
-    """Expand files and folders into slide paths (folders: known extensions, sorted) and
-    the duplicates dropped: (kept path, dropped path) pairs naming one file twice (a symlink,
-    a hard link, ``./a.svs`` and ``a.svs``...). The first path is kept, or the real file
-    rather than a symlink to it (its name is the slide id).
-
-    Paths that do not exist are kept, so they are reported as failed slides.
-    """
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            it = p.rglob("*") if recursive else p.iterdir()
-            out.extend(
-                sorted(q for q in it if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS)
-            )
-        else:
-            out.append(p)
-    seen: dict[Any, Path] = {}
-    unique: list[Path] = []
-    dups: list[tuple[Path, Path]] = []
-    for p in out:
-        try:
-            st = p.stat()
-            key: Any = (st.st_dev, st.st_ino)
-        except OSError:
-            key = os.path.abspath(p)
-        if key in seen:
-            first = seen[key]
-            if first.is_symlink() and not p.is_symlink():  # keep the real file's name
-                unique[unique.index(first)] = seen[key] = p
-                p, first = first, p
-            dups.append((first, p))
-            continue
-        seen[key] = p
-        unique.append(p)
-    return unique, dups
-
-
-def discover(inputs: Iterable[str | os.PathLike[str]], recursive: bool = False) -> list[Path]:
-    """Expand files and folders into slide paths, each file once (see
-    :func:`discover_inputs`, which also returns the duplicates)."""
-    return discover_inputs(inputs, recursive)[0]
-
-
-def no_slides_message(inputs: Iterable[str | os.PathLike[str]], recursive: bool) -> str:
-    """One line for a run that found no slide: which folders were searched and, when their
-    slides may sit in sub-folders, the hint to pass ``--recursive``."""
-    dirs = [Path(p) for p in inputs if Path(p).is_dir()]
-    if not dirs:
-        return "no slides given (paths, folders or --sample NAME)"
-    parts = []
-    for d in dirs:
-        subs = sum(1 for q in d.iterdir() if q.is_dir())
-        hint = f" ({subs} sub-folder{'s' if subs != 1 else ''}; use --recursive)"
-        parts.append(f"{d}{hint if subs and not recursive else ''}")
-    return f"no slides found in {', '.join(parts)}"
 
 
 def _failed_row(path: Path, sid: str, error: str) -> dict[str, Any]:
@@ -325,8 +253,6 @@ def tile_slides(cfg: TileConfig, progress: bool | None = None) -> TileReport:
     if part is not None:
         check_job_config(out, cfg)  # before any output: one line and no work when refused
     else:
-        from pathflow.tiling.rerun import check_rerun
-
         check_rerun(out, cfg, {slide_id(p) for p in paths})
         cfg.save(out / "config.yaml")
     for kept, dropped in dups:

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pathflow.jobs.manifest import MANIFEST_FIELDS
 from pathflow.tiling.config import TileConfig
 
 if TYPE_CHECKING:
@@ -29,11 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pathflow.tile")
 
-MANIFEST_FIELDS = [
-    "slide", "path", "status", "patches", "mpp", "mpp_source", "target_mpp", "patch_level",
-    "patch_size", "patch_size_level0", "seg_level", "tissue_mm2", "seconds", "resumed",
-    "shard_samples", "error",
-]  # fmt: skip
 
 #: Where a slide's mpp came from (coords attr and manifest column ``mpp_source``).
 MPP_SOURCES = ("file", "csv", "fallback", "override")

@@ -158,10 +158,81 @@ def unpack_rank_state(ckpt: dict[str, Any], rank: int) -> dict[str, Any]:
     return out
 
 
+def gather_rank_states(blob: bytes, world_size: int) -> list[bytes]:
+    """Every rank's :func:`rank_state` blob, on every rank (one ``all_gather_object``)."""
+    if world_size == 1:
+        return [blob]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, blob)
+    return [bytes(b) for b in out]
+
+
+class Checkpointer:
+    """Writes ``OUT/checkpoint.pt`` of a run: gathers every rank's private state, rank 0
+    writes (:func:`save_checkpoint`), then all ranks meet. ``content()`` gives the shared
+    part (method and optimiser states, step, config, ...). ``last_saved``: the step of the
+    last checkpoint written or resumed from (-1: none)."""
+
+    def __init__(
+        self,
+        path: Path,
+        content: Any,
+        *,
+        rank: int,
+        world_size: int,
+        last_saved: int = -1,
+    ) -> None:
+        self.path = path
+        self.content = content
+        self.rank = rank
+        self.world_size = world_size
+        self.last_saved = last_saved
+
+    def save(self, step: int, epoch_next: int, loader_state: dict[str, Any] | None) -> None:
+        """Checkpoint step ``step``; the next batch is of epoch ``epoch_next`` at the
+        loader position ``loader_state`` (None: the epoch's start)."""
+        blobs = gather_rank_states(rank_state(loader_state), self.world_size)
+        if self.rank == 0:
+            try:
+                save_checkpoint(
+                    self.path, {**self.content(), "step": step, "epoch": epoch_next,
+                                "world_size": self.world_size, "rank_states": blobs}
+                )  # fmt: skip
+            except CheckpointWriteError as exc:
+                raise CheckpointWriteError(
+                    f"{self.path}: cannot write the checkpoint of step {step}: {exc.reason}; "
+                    f"stopped, {self.previous()}: free space, then run the same command "
+                    "with --resume",
+                    exc.errno,
+                    exc.reason,
+                ) from None
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        self.last_saved = step
+
+    def previous(self) -> str:
+        """What a failed write leaves: the previous checkpoint, or none."""
+        if self.last_saved >= 0:
+            return f"{self.path} still holds step {self.last_saved}, intact"
+        return "no earlier checkpoint was written"
+
+    def last_good(self) -> str:
+        """The sentence of a stopped run about its last good checkpoint."""
+        if self.last_saved >= 0:
+            return f"Last good checkpoint: {self.path} (step {self.last_saved})."
+        return "No checkpoint was written."
+
+
 __all__ = [
     "CheckpointWriteError",
+    "Checkpointer",
     "capture_rng",
     "describe_os_error",
+    "gather_rank_states",
     "load_checkpoint",
     "rank_state",
     "restore_rng",

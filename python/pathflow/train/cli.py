@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from pathflow.config import YamlConfig, is_list, scalar_type
+from pathflow.config import YamlConfig
+from pathflow.options import add_fields
 from pathflow.train.config import POSITIVES, PRECISIONS, TrainConfig
 
 _S = argparse.SUPPRESS
@@ -64,50 +64,23 @@ def _add_fields(
     choices: dict[str, list[str]] | None = None,
 ) -> None:
     """One flag per dataclass field: ``--[prefix.]name-with-dashes``, typed; booleans get
-    ``--no-`` twins; lists take several values."""
-    types_ = cls.field_types()
-    choices = choices or {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        if f.name in _NOT_FLAGS or f.name.startswith("_"):
-            continue
-        if groups and parser is not None and f.name in groups:
-            group = parser.add_argument_group(groups[f.name])
-        dash = f.name.replace("_", "-")
-        flag = f"--{prefix}.{dash}" if prefix else f"--{dash}"
-        dest = f"{prefix}.{f.name}" if prefix else f.name
-        text = f.metadata.get("help", "")
-        kind = scalar_type(types_[f.name])
-        if kind is bool:
-            no_flag = f"--{prefix}.no-{dash}" if prefix else f"--no-{dash}"
-            state = "on" if f.default is True else "off" if f.default is False else "auto"
-            text = f"{text} (default {state}; {no_flag} to turn off)"
-            group.add_argument(flag, dest=dest, action="store_true", default=_S, help=text)
-            group.add_argument(no_flag, dest=dest, action="store_false", default=_S, help=_S)
-            continue
-        default = f.default if f.default is not MISSING else None
-        default_text = "" if default in (None, "") else f" (default {default})"
-        group.add_argument(
-            flag,
-            dest=dest,
-            type=kind,
-            nargs="+" if is_list(types_[f.name]) else None,
-            default=_S,
-            # methods are listed but checked by the registry: a one-line error with close
-            # matches instead of argparse's usage block
-            choices=choices.get(f.name) if f.name != "method" else None,
-            metavar=(
-                "{" + ",".join(choices[f.name]) + "}"
-                if f.name == "method" and f.name in choices
-                else None
-                if f.name in choices
-                else _METAVARS.get(f.name, _METAVARS.get(kind))
-            ),
-            help=text + default_text,
-        )
+    ``--no-`` twins; lists take several values (:func:`pathflow.options.add_fields`)."""
+    add_fields(
+        group,
+        cls,
+        prefix=prefix,
+        skip=_NOT_FLAGS,
+        show_defaults=True,
+        sections=groups if parser is not None else None,
+        choices=choices,
+        listed=("method",),  # checked by the registry: a one-line error with close matches
+        metavars=_METAVARS,
+    )
 
 
 def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     """Add the full ``train`` sub-command to an ``add_subparsers()`` object."""
+    from pathflow.data.backends import list_loader_backends
     from pathflow.train.methods import list_methods, method_class
 
     p = sub.add_parser("train", help=HELP, description=DESCRIPTION)
@@ -115,7 +88,7 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     choices = {
         "method": methods,
         "precision": list(PRECISIONS),
-        "loader_backend": ["auto", "dali", "torch"],
+        "loader_backend": ["auto", *list_loader_backends()],
         "positives": list(POSITIVES),
         "signal_checkpoint": ["USR1", "USR2", "TERM", "INT", "HUP", "none"],
     }
@@ -142,6 +115,7 @@ def add_train_stub(sub: Any) -> argparse.ArgumentParser:
 
 def run_train(ns: argparse.Namespace) -> int:
     """Run the ``train`` command for parsed arguments; returns the exit status."""
+    from pathflow.commands.errors import report
     from pathflow.exceptions import PathflowError
 
     skip = {"command", "config", "quiet", "verbose", "version"}
@@ -168,12 +142,8 @@ def run_train(ns: argparse.Namespace) -> int:
         )
         print(f"pathflow train: interrupted (SIGINT): stopped at once; {kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (PathflowError, ValueError) as exc:
-        print(f"pathflow train: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
-    except OSError as exc:
-        print(f"pathflow train: error: {exc}", file=sys.stderr)
-        return 1
+    except (PathflowError, ValueError, OSError, ImportError) as exc:
+        return report("train", exc)
     return 0
 
 

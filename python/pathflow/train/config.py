@@ -13,8 +13,10 @@ YAML as a section named after the method and on the command line as ``--METHOD.O
 Fields left ``None`` take the method's recipe (``MethodConfig.recipe``) in
 :meth:`TrainConfig.resolve`, after a named ``--recipe`` (:mod:`pathflow.train.recipes`):
 command line > YAML > ``--recipe`` > method recipe > :class:`TrainConfig` defaults.
-``steps_per_epoch`` is filled by the trainer from the loader; the resolved config is saved
-as ``config.yaml`` beside the run's outputs.
+A run never changes its config: the trainer plans it (:class:`~pathflow.train.plan.RunPlan`,
+with ``steps_per_epoch`` from the loader) and saves the resolved config with the run's
+``precision``, ``compile``, ``steps_per_epoch`` and ``world_size`` as ``config.yaml``
+beside the run's outputs.
 
 **Schedule lengths.** Lengths given in epochs (lr warmup, DINO's teacher-temperature warmup
 and frozen last layer) become ``epochs x steps_per_epoch`` steps. With ``--steps`` the run is
@@ -42,6 +44,8 @@ from typing import Any
 
 from pathflow.config import YamlConfig, coerce
 from pathflow.exceptions import ConfigError
+from pathflow.train.plan import StepClock, schedule_warnings
+from pathflow.train.plan import h as _h
 
 PRECISIONS = ("auto", "bf16", "fp32")
 OPTIMIZERS = ("adamw", "sgd", "lars")
@@ -64,10 +68,6 @@ _OLDER_BEHAVIOUR: dict[str, Any] = {
 
 #: The backbone of methods whose recipe names none.
 DEFAULT_ARCH = "vit_small_patch16_224"
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
 
 
 @dataclass
@@ -196,7 +196,10 @@ class TrainConfig(YamlConfig):
     channels_last: bool | None = field(
         default=None, metadata=_h("channels-last memory format (default: CNNs)")
     )
-    loader_backend: str = field(default="auto", metadata=_h("data loader: auto, dali, torch"))
+    loader_backend: str = field(
+        default="auto",
+        metadata=_h("data loader backend: auto (DALI on CUDA, else torch) or a registered one"),
+    )
     num_workers: int = field(default=2, metadata=_h("loader workers (torch) or threads (DALI)"))
     seed: int = field(default=0, metadata=_h("seed of the weights, data order and augmentations"))
     save_every: int = field(default=500, metadata=_h("checkpoint every N steps (and at the end)"))
@@ -226,7 +229,7 @@ class TrainConfig(YamlConfig):
         default=None,
         metadata=_h("the method's options: its config dataclass, or a dict of its fields"),
     )
-    # filled by the trainer
+    # recorded in the saved config.yaml of a run (from its RunPlan); a config never changes
     steps_per_epoch: int | None = field(
         default=None, metadata=_h("batches per epoch on each rank (filled from the loader)")
     )
@@ -314,34 +317,29 @@ class TrainConfig(YamlConfig):
         return out
 
     # ------------------------------------------------------------------ derived values
+    def clock(self) -> StepClock:
+        """The run's length as given (``steps_per_epoch`` None until a loader fills it in a
+        :class:`~pathflow.train.plan.RunPlan`)."""
+        return StepClock(self.epochs, self.steps, self.steps_per_epoch)
+
     @property
     def total_steps(self) -> int:
         """Length of the schedules: ``steps``, else ``epochs * steps_per_epoch``."""
-        if self.steps is not None:
-            return int(self.steps)
-        if self.steps_per_epoch is None:
-            raise ConfigError("steps_per_epoch is unknown until the loader is built")
-        return int(self.epochs * self.steps_per_epoch)
+        return self.clock().total_steps
 
     def epochs_to_steps(self, epochs: float) -> int:
-        """A schedule length in epochs, as steps.
+        """A schedule length in epochs, as steps (:meth:`StepClock.epochs_to_steps`).
 
         Counted in epochs (no ``--steps``): ``epochs * steps_per_epoch``. With ``--steps``:
         the same fraction of the run as in the recipe, ``epochs / self.epochs *
         total_steps``. Never more than ``total_steps`` (a length that reaches it is
         reported by :meth:`schedule_warnings`).
         """
-        if self.steps is None:
-            steps = round(epochs * (self.steps_per_epoch or 0))
-        else:
-            steps = round(epochs / self.epochs * self.steps)
-        return max(0, min(steps, self.total_steps))
+        return self.clock().epochs_to_steps(epochs)
 
     def steps_or_epochs(self, steps: int | None, epochs: float | None) -> int:
         """``steps`` when given (at most ``total_steps``), else ``epochs`` converted."""
-        if steps is not None:
-            return max(0, min(int(steps), self.total_steps))
-        return self.epochs_to_steps(epochs or 0.0)
+        return self.clock().steps_or_epochs(steps, epochs)
 
     def warmup(self) -> int:
         """Learning-rate warmup in steps."""
@@ -350,20 +348,12 @@ class TrainConfig(YamlConfig):
     def schedule_lengths(self) -> dict[str, int]:
         """Every schedule length of the run in steps (lr warmup and the method's own)."""
         lengths = {"lr_warmup": self.warmup()}
-        lengths.update(self.options.schedule_lengths(self))
+        lengths.update(self.options.schedule_lengths(self.clock()))
         return lengths
 
     def schedule_warnings(self) -> list[str]:
         """One line per schedule that covers the whole run (it never reaches its end)."""
-        total = self.total_steps
-        out = []
-        for name, n in self.schedule_lengths().items():
-            if n >= total:
-                out.append(
-                    f"{name} lasts {n} steps, the whole run of {total}: it never ends "
-                    "(shorten it, or give the run more steps)"
-                )
-        return out
+        return schedule_warnings(self.schedule_lengths(), self.total_steps)
 
     def scaled_lr(self, world_size: int | None = None) -> float:
         """Peak learning rate: ``lr * batch_size * world_size / 256`` (dino's linear rule)."""

@@ -15,8 +15,25 @@ One step::
     method.after_step(step)                       DINO: centre and EMA teacher updates
 
 Methods with ``uses_meta`` get the batch's metadata (``model(views, step, meta=...)``; SGCL:
-its bank's sample indices); a method's ``start_epoch(epoch)``, if it has one, runs before
-each epoch's first batch (SGCL: k-means refit, skipped when resumed within the epoch).
+its bank's sample indices); a method's ``start_epoch(epoch)`` runs before each epoch's first
+batch (SGCL: k-means refit, skipped when resumed within the epoch). Every hook is declared on
+:class:`~pathflow.train.methods.base.SSLMethod`.
+
+The run, top to bottom (as facebookresearch/dino's ``main_dino.py``)::
+
+    train(cfg)                     resolve, distributed init, the stop signal
+      open_run                     data, its fingerprint, the checkpoint to resume (checked)
+      setup -> Run                 loader, RunPlan (steps per epoch, schedules), method,
+                                   optimiser, lr / wd schedules
+      resume(run, ckpt)            weights, optimiser, position, loader and RNG states
+      start(run)                   config.yaml, DDP, compile, the first line
+      run_epoch(run, ...) ...      train_one_epoch: steps, StepLogger, Checkpointer
+      summarise(run, ...)          backbone.safetensors, summary.json, the last line
+
+The config is never changed: the facts of the run (device, precision, world size, steps per
+epoch, schedule lengths) are its :class:`~pathflow.train.plan.RunPlan`. The loader, method,
+optimiser and DDP are built in :mod:`pathflow.train.build`; checkpoints are written by
+:class:`~pathflow.train.checkpoint.Checkpointer`.
 
 Run with ``torchrun --nproc-per-node N -m pathflow train ...`` for DDP (NCCL on GPUs, gloo on
 CPU); every rank reads its own share of the shards. Outputs in ``OUT/``: ``config.yaml``
@@ -44,15 +61,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,22 +77,36 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pathflow.data.sources import data_fingerprint, resolve_data
 from pathflow.exceptions import ConfigError, PathflowError
 from pathflow.outputs import atomic_write_text
-from pathflow.train.backbones import create_backbone
+from pathflow.train.build import (
+    TrainData,
+    build_feature_loader,
+    build_loader,
+    build_method,
+    build_optimizer,
+    compile_backbones,
+    open_data,
+    recorded_config,
+    resolve_runtime,
+    runtime_settings,
+    seed_everything,
+    wrap_ddp,
+)
 from pathflow.train.checkpoint import (
-    CheckpointWriteError,
+    Checkpointer,
     load_checkpoint,
-    rank_state,
     restore_rng,
-    save_checkpoint,
     unpack_rank_state,
 )
+from pathflow.train.checkpoint import gather_rank_states as _gather
 from pathflow.train.config import TrainConfig
 from pathflow.train.distributed import DistInfo, available_cpus, init_distributed
 from pathflow.train.export import export_backbone
-from pathflow.train.methods import SSLMethod, create_method, method_class
+from pathflow.train.methods import SSLMethod, method_class
 from pathflow.train.metrics import MetricsLogger, StepRate, progress_line
+from pathflow.train.plan import RunPlan
 from pathflow.train.preemption import StopSignal
 from pathflow.train.schedules import cosine_schedule
 
@@ -146,67 +175,6 @@ def naming_os_errors(path: Path) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_data(data: str, kind: str = "images") -> Path:
-    """The source of ``--data``. Images: a shard folder, ``shards.json``, a ``.tar``, or the
-    output folder of ``pathflow tile --shards`` (its ``shards/``). Region features: a folder
-    of ``pathflow extract --model regions`` files, or the extract output folder holding
-    ``features/``."""
-    if kind == "region_features":
-        from pathflow.data.features import is_region_feature_folder
-
-        p = Path(data) if data else Path()
-        if not data or not p.exists():
-            raise ConfigError(
-                f"{data or '--data'}: region features not found (--data DIR, output of "
-                "pathflow extract --model regions)"
-            )
-        if not (p.is_file() and p.suffix == ".h5") and not is_region_feature_folder(p):
-            raise ConfigError(
-                f"{p}: no region-feature .h5 files (region_features [M, G*G, D]); make them "
-                "with pathflow extract SHARDS --model regions"
-            )
-        return p
-    if not data:
-        raise ConfigError("no training data: --data DIR (output of pathflow tile --shards)")
-    p = Path(data)
-    sub = p / "shards"
-    if (
-        p.is_dir()
-        and not (p / "shards.json").is_file()
-        and sub.is_dir()
-        and ((sub / "shards.json").is_file() or any(sub.glob("*.tar")))
-    ):
-        return sub
-    if not p.exists():
-        raise ConfigError(f"{p}: training data not found")
-    return p
-
-
-def data_fingerprint(data: Path) -> str:
-    """sha256 of the data's index: ``shards.json`` when there is one, else the names and
-    sizes of the ``.tar`` files. A re-tiled folder gets another fingerprint."""
-    h = hashlib.sha256()
-    manifest = data if data.name == "shards.json" else data / "shards.json"
-    if data.is_dir() and not manifest.is_file() and not any(data.glob("*.tar")):
-        # region-feature files: names, sizes and modification times
-        for f in sorted(data.rglob("*.h5")):
-            st = f.stat()
-            h.update(f"{f.relative_to(data)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    elif manifest.is_file():
-        h.update(manifest.read_bytes())
-    else:
-        tars = [data] if data.is_file() else sorted(data.glob("*.tar"))
-        for tar in tars:
-            h.update(f"{tar.name}\t{tar.stat().st_size}\n".encode())
-    return h.hexdigest()
-
-
 def check_resume(cfg: TrainConfig, ckpt: dict[str, Any], ckpt_path: Path, fingerprint: str) -> None:
     """Refuse to resume with settings that change what trains: any option but run control
     (``RUN_CONTROL``) that differs from the checkpoint's, unless listed in
@@ -235,145 +203,6 @@ def check_resume(cfg: TrainConfig, ckpt: dict[str, Any], ckpt_path: Path, finger
             "shards.json differs, e.g. re-tiled); resume on the same data, or pass "
             "--allow-changed data"
         )
-
-
-def resolve_runtime(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill the device-dependent ``auto`` settings: bf16 and compile on CUDA."""
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if device.type == "cuda" else "fp32"
-    if cfg.compile is None:
-        cfg.compile = device.type == "cuda"
-    return cfg
-
-
-def build_loader(cfg: TrainConfig, info: DistInfo) -> Any:
-    """The :func:`pathflow.data.make_loader` loader of this rank, with the method's view
-    preset unless ``cfg.views`` names another."""
-    from pathflow.data import create_views, make_loader
-
-    output = "bfloat16" if cfg.precision == "bf16" and info.device.type == "cuda" else "float"
-    if method_class(cfg.method).data_kind == "region_features":
-        if cfg.views not in (None, "hipt4k"):
-            raise ConfigError(
-                f"--views {cfg.views}: {cfg.method} trains on region-feature crops (views "
-                "hipt4k; sizes with --global-size/--local-size/--num-local in grid cells)"
-            )
-        return build_feature_loader(cfg, info, output)
-    views = create_views(
-        cfg.views or method_class(cfg.method).views_preset,
-        global_size=cfg.global_size,
-        local_size=cfg.local_size,
-        num_local=cfg.num_local,
-    )
-    return make_loader(
-        cfg.data,
-        views=views,
-        batch_size=cfg.batch_size,
-        device=str(info.device),
-        backend=cfg.loader_backend,
-        seed=cfg.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        num_workers=cfg.num_workers,
-        output=output,
-        positives=cfg.positives,
-        neighbour_radius=cfg.neighbour_radius,
-    )
-
-
-def build_feature_loader(cfg: TrainConfig, info: DistInfo, output: str) -> Any:
-    """The region-feature loader of this rank (HIPT ViT-4K views; ``--global-size``,
-    ``--local-size``, ``--num-local`` in grid cells override HIPT's 14 / 6 / 8)."""
-    from pathflow.data.features import FeatureCropSpec, RegionFeatureSet, make_feature_loader
-
-    features = RegionFeatureSet(cfg.data)
-    overrides = {
-        k: v
-        for k, v in (
-            ("global_size", cfg.global_size),
-            ("local_size", cfg.local_size),
-            ("num_local", cfg.num_local),
-        )
-        if v is not None
-    }
-    return make_feature_loader(
-        features,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        rank=info.rank,
-        world_size=info.world_size,
-        device=str(info.device),
-        output=output,
-        spec=FeatureCropSpec.for_grid(features.grid, **overrides),
-    )
-
-
-def build_method(cfg: TrainConfig, device: torch.device, in_dim: int | None = None) -> SSLMethod:
-    """Backbone + method, initialised from ``cfg.seed`` (identical on every rank).
-    ``in_dim``: width of the input features of feature-grid backbones (``vit4k_xs``)."""
-    kwargs: dict[str, Any] = {}
-    if in_dim is not None:
-        kwargs["in_dim"] = in_dim
-    if cfg.img_size is not None:
-        kwargs["img_size"] = cfg.img_size
-    if cfg.drop_path_rate:
-        kwargs["drop_path_rate"] = cfg.drop_path_rate
-    seed_everything(cfg.seed)
-    backbone, embed_dim = create_backbone(
-        str(cfg.arch), pretrained=cfg.pretrained, channels_last=cfg.channels_last, **kwargs
-    )
-    method = create_method(cfg.method, backbone, embed_dim, cfg)
-    return method.to(device)
-
-
-def build_optimizer(method: SSLMethod, cfg: TrainConfig, device: torch.device) -> Any:
-    """``cfg.optimizer`` over the method's parameter groups: AdamW or SGD with momentum
-    (fused kernels on CUDA, foreach on CPU), or :class:`~pathflow.train.optim.LARS` (groups
-    flagged ``lars_exclude``, biases and norms, without trust ratio nor weight decay)."""
-    from pathflow.train.optim import LARS
-
-    assert cfg.weight_decay is not None
-    groups = method.param_groups(cfg.weight_decay)
-    fused = device.type == "cuda"
-    if cfg.optimizer == "lars":
-        assert cfg.momentum is not None, "resolve() first"
-        return LARS(groups, lr=0.0, momentum=cfg.momentum, eta=cfg.lars_eta)
-    if cfg.optimizer == "sgd":
-        assert cfg.momentum is not None, "resolve() first"
-        return torch.optim.SGD(
-            groups, lr=0.0, momentum=cfg.momentum, fused=fused, foreach=not fused
-        )
-    return torch.optim.AdamW(groups, lr=0.0, fused=fused, foreach=not fused)
-
-
-def wrap_ddp(method: SSLMethod, info: DistInfo) -> nn.Module:
-    """DDP over the method: only the student's parameters need gradients, so only they are
-    all-reduced; the EMA teacher then updates identically on every rank. On CUDA the
-    BatchNorm layers become ``SyncBatchNorm`` (as dino does; same parameters, so an optimiser
-    built before stays valid); on CPU (gloo, where ``SyncBatchNorm`` is unavailable) only the
-    SimCLR projector's BatchNorms use global statistics."""
-    if not info.distributed:
-        return method
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    if info.device.type == "cuda":
-        nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        device_ids: list[int] | None = [info.device.index or 0]
-    else:
-        device_ids = None
-    local = [name for name, _ in method.named_buffers() if name in method.ddp_local_buffers]
-    if local:
-        # Large or self-synchronised buffers (queues, banks, DINO's all-reduced centre) are
-        # not re-broadcast from rank 0 before every forward.
-        DDP._set_params_and_buffers_to_ignore_for_model(method, local)
-    return DDP(method, device_ids=device_ids)
-
-
-def compile_backbones(method: SSLMethod) -> None:
-    """``torch.compile`` each encoder's backbone in place (state-dict keys unchanged); one
-    static graph per crop resolution."""
-    for enc in method.encoders():
-        enc.backbone.compile(dynamic=False)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -415,11 +244,8 @@ def peak_rss_gb() -> float:
 
 
 def gather_rank_states(blob: bytes, info: DistInfo) -> list[bytes]:
-    if not info.distributed:
-        return [blob]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, blob)
-    return [bytes(b) for b in out]
+    """Every rank's checkpoint blob (:func:`pathflow.train.checkpoint.gather_rank_states`)."""
+    return _gather(blob, info.world_size if info.distributed else 1)
 
 
 def rng_isolated(iterable: Any) -> Iterator[Any]:
@@ -439,9 +265,8 @@ def rng_isolated(iterable: Any) -> Iterator[Any]:
                     return
             yield item
     finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+        if isinstance(it, Generator):  # the loaders' iterators: stop their workers
+            it.close()
 
 
 @contextlib.contextmanager
@@ -481,10 +306,7 @@ def train_step(
     (SGCL: sample indices of its memory bank)."""
     set_schedules(optimizer, lr, wd, peak_lr=cfg.scaled_lr(info.world_size))
     with autocast(cfg, info.device):
-        if getattr(method, "uses_meta", False):
-            outputs = model(views, step, meta=meta)
-        else:
-            outputs = model(views, step)
+        outputs = model(views, step, meta=meta) if method.uses_meta else model(views, step)
     loss = outputs["loss"]
     loss_value = mean_over_ranks(loss, info)
     if not math.isfinite(loss_value):
@@ -498,7 +320,7 @@ def train_step(
     return loss_value, outputs, grad_norm
 
 
-# ---------------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------------- training
 def train(cfg: TrainConfig, progress: bool | None = None) -> TrainSummary:
     """Run (or resume) a training run described by ``cfg``; returns its summary.
 
@@ -523,281 +345,399 @@ def train(cfg: TrainConfig, progress: bool | None = None) -> TrainSummary:
             dist.destroy_process_group()
 
 
-def _train(
-    cfg: TrainConfig, info: DistInfo, progress: bool | None, stop: StopSignal
-) -> TrainSummary:
-    device = info.device
-    cfg = resolve_runtime(cfg, device)
+# ---------------------------------------------------------------------------------- the run
+@dataclass
+class Opened:
+    """What :func:`open_run` found: the resolved data, its fingerprint, the checkpoint to
+    resume (None: a fresh run) and the run's precision and compile settings."""
+
+    data: Path
+    fingerprint: str
+    ckpt: dict[str, Any] | None
+    precision: str
+    compile: bool
+
+
+@dataclass
+class Run:
+    """A run in progress: the user's config (never changed), its plan, the objects that
+    train, and the position (``step``, ``epoch``; ``stop_at``: the last step of this job)."""
+
+    cfg: TrainConfig
+    plan: RunPlan
+    record: TrainConfig  # the config as saved: cfg with the plan's facts (recorded_config)
+    info: DistInfo
+    out: Path
+    data: TrainData
+    method: SSLMethod
+    optimizer: Any
+    lr_schedule: np.ndarray
+    wd_schedule: np.ndarray
+    fingerprint: str
+    resuming: bool
+    model: nn.Module | None = None
+    step: int = 0
+    epoch: int = 0
+    start_step: int = 0
+    stop_at: int = 0
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    @property
+    def images_per_step(self) -> int:
+        return self.plan.batch_size * self.plan.world_size
+
+    def checkpoint_content(self) -> dict[str, Any]:
+        """The part of a checkpoint shared by every rank (:class:`Checkpointer` adds the
+        position and the ranks' states)."""
+        return {
+            "method_name": self.cfg.method,
+            "arch": self.cfg.arch,
+            "export_prefix": self.method.export_prefix,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.record.to_dict(),
+            "data_fingerprint": self.fingerprint,
+        }
+
+
+def use_cpu_cores(cfg: TrainConfig, device: torch.device) -> None:
+    """On CPU, the loader's workers take cores too: oversubscribed OpenMP threads spin and can
+    make a step many times slower, so the trainer keeps only the cores that are left."""
     if device.type == "cpu":
-        # The loader's workers take cores too: oversubscribed OpenMP threads spin and can make
-        # a CPU step many times slower, so the trainer keeps only the cores that are left.
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, available_cpus() // local - cfg.num_workers))
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    resuming = cfg.resume and ckpt_path.exists()
+
+
+def open_run(cfg: TrainConfig, info: DistInfo) -> Opened | TrainSummary:
+    """The data, its fingerprint and the checkpoint to resume, checked against ``cfg``
+    (:func:`check_resume`); the run's summary if the checkpoint is already finished."""
+    precision, compile_ = runtime_settings(cfg, info.device)
+    ckpt_path = Path(cfg.out) / "checkpoint.pt"
     if ckpt_path.exists() and not cfg.resume:
         raise ConfigError(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
     data = resolve_data(cfg.data, method_class(cfg.method).data_kind)
     fingerprint = data_fingerprint(data)
-    ckpt = load_checkpoint(ckpt_path) if resuming else None
+    ckpt = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
     if ckpt is not None:
-        check_resume(cfg, ckpt, ckpt_path, fingerprint)
+        as_run = dataclasses.replace(cfg, precision=precision, compile=compile_)
+        check_resume(as_run, ckpt, ckpt_path, fingerprint)
         if int(ckpt["step"]) >= _saved_total(ckpt):
-            return _finished(cfg, ckpt, out, info)
+            return _finished(cfg, ckpt, Path(cfg.out), info)
+    return Opened(data, fingerprint, ckpt, precision, compile_)
 
-    # ---- data: the schedules are counted in the loader's batches
-    loader = build_loader(dataclasses.replace(cfg, data=str(data)), info)
-    cfg.steps_per_epoch = len(loader)
-    cfg.world_size = info.world_size
-    total = cfg.total_steps
+
+def setup(cfg: TrainConfig, info: DistInfo, opened: Opened) -> Run:
+    """Open the data (the schedules are counted in the loader's batches), plan the run, build
+    the method, the optimiser and the lr / weight-decay schedules."""
+    data = open_data(dataclasses.replace(cfg, data=str(opened.data)), info, opened.precision)
+    plan = RunPlan.from_config(
+        cfg,
+        device=str(info.device),
+        precision=opened.precision,
+        compile=opened.compile,
+        world_size=info.world_size,
+        steps_per_epoch=len(data.loader),
+        data=str(opened.data),
+    )
     if info.is_main:
-        for warning in cfg.schedule_warnings():
+        for warning in plan.warnings():
             say(f"pathflow train: warning: {warning}")
-
-    # ---- model, optimiser, schedules
-    features = getattr(loader, "features", None)  # region features: the grid's width
-    method = build_method(cfg, device, getattr(features, "dim", None))
-    optimizer = build_optimizer(method, cfg, device)
+    method = build_method(cfg, info.device, data.in_dim, plan)
+    optimizer = build_optimizer(method, cfg, info.device)
     assert cfg.weight_decay is not None and cfg.weight_decay_end is not None
-    lr_schedule = cosine_schedule(cfg.scaled_lr(info.world_size), cfg.min_lr, total, cfg.warmup())
-    wd_schedule = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
+    total = plan.total_steps
+    return Run(
+        cfg=cfg,
+        plan=plan,
+        record=recorded_config(cfg, plan),
+        info=info,
+        out=Path(cfg.out),
+        data=data,
+        method=method,
+        optimizer=optimizer,
+        lr_schedule=cosine_schedule(plan.peak_lr, cfg.min_lr, total, plan.lr_warmup),
+        wd_schedule=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total),
+        fingerprint=opened.fingerprint,
+        resuming=opened.ckpt is not None,
+    )
 
-    # ---- resume: weights, optimiser, position, loader and RNG states
-    step, epoch, last_saved = 0, 0, -1
-    seed_everything(cfg.seed + info.rank)
+
+def resume(run: Run, ckpt: dict[str, Any] | None) -> None:
+    """Seed this rank, then (resuming) restore the weights, the optimiser, the position, the
+    loader's and the RNG states; set the last step of this job (``--stop-after`` counts
+    from where it starts)."""
+    seed_everything(run.cfg.seed + run.info.rank)
     if ckpt is not None:
-        if int(ckpt["world_size"]) != info.world_size:
+        if int(ckpt["world_size"]) != run.info.world_size:
             raise ConfigError(
-                f"{ckpt_path} was written by {ckpt['world_size']} process(es), this run has "
-                f"{info.world_size}: resume with the same number of processes"
+                f"{run.ckpt_path} was written by {ckpt['world_size']} process(es), this run "
+                f"has {run.info.world_size}: resume with the same number of processes"
             )
-        method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, last_saved = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["step"])
-        private = unpack_rank_state(ckpt, info.rank)
-        loader.set_epoch(epoch)
+        run.method.load_state_dict(ckpt["method"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.step, run.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+        private = unpack_rank_state(ckpt, run.info.rank)
+        run.data.loader.set_epoch(run.epoch)
         if private["loader"] is not None:
-            loader.load_state_dict(private["loader"])
+            run.data.loader.load_state_dict(private["loader"])
         restore_rng(private["rng"])
-        del ckpt
-    # --stop-after counts the steps of this job, from where it starts
-    stop_at = min(total, step + cfg.stop_after) if cfg.stop_after else total
+    total = run.plan.total_steps
+    run.start_step = run.step
+    run.stop_at = min(total, run.step + run.cfg.stop_after) if run.cfg.stop_after else total
+
+
+def start(run: Run) -> None:
+    """Write ``config.yaml``, wrap the method in DDP, compile, and say what trains."""
+    info, out, plan = run.info, run.out, run.plan
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         with naming_os_errors(out / "config.yaml"):
-            cfg.save(out / "config.yaml")
-
-    model = wrap_ddp(method, info)
-    if cfg.compile:
-        compile_backbones(method)
-    method.train()
-
-    n_params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+            run.record.save(out / "config.yaml")
+    run.model = wrap_ddp(run.method, info)
+    if plan.compile:
+        compile_backbones(run.method)
+    run.method.train()
     if info.is_main:
+        n_params = sum(p.numel() for p in run.method.parameters() if p.requires_grad)
+        lengths = ", ".join(f"{k} {v}" for k, v in plan.lengths().items())
         say(
-            f"pathflow train: {cfg.method}/{cfg.arch}, {n_params / 1e6:.1f}M trainable "
-            f"parameters, {total} steps of {cfg.batch_size} x {info.world_size} images "
-            f"({cfg.steps_per_epoch} per epoch), peak lr {lr_schedule.max():.2e}, "
-            f"schedules {_lengths_text(cfg)}, "
-            f"{cfg.precision} on {device}{', compiled' if cfg.compile else ''}"
-            f"{f', resuming at step {step}' if resuming else ''}; outputs in {out}"
+            f"pathflow train: {plan.method}/{plan.arch}, {n_params / 1e6:.1f}M trainable "
+            f"parameters, {plan.total_steps} steps of {plan.batch_size} x {plan.world_size} "
+            f"images ({plan.steps_per_epoch} per epoch), peak lr "
+            f"{run.lr_schedule.max():.2e}, schedules {lengths}, {plan.precision} on "
+            f"{info.device}{', compiled' if plan.compile else ''}"
+            f"{f', resuming at step {run.step}' if run.resuming else ''}; outputs in {out}"
         )
 
-    # ---- the loop
-    images_per_step = cfg.batch_size * info.world_size
-    start_step = step
-    slide_counts: list[int] = []
-    last_loss = float("nan")
-    t_start = time.perf_counter()
-    t_steady: float | None = None
-    steady_from = start_step + min(3, max(stop_at - start_step - 1, 0))
-    t_log, step_log = time.perf_counter(), step
-    # progress None: a bar on a terminal, else a line per log step; False: neither
-    show_bar = info.is_main and (progress if progress is not None else sys.stderr.isatty())
-    show_lines = info.is_main and progress is None and not show_bar
-    logger = MetricsLogger(
-        out,
-        enabled=info.is_main,
-        tensorboard=cfg.tensorboard,
-        resume_step=step if resuming else None,
-    )
 
-    def checkpoint(epoch_next: int, loader_state: dict[str, Any] | None) -> None:
-        blobs = gather_rank_states(rank_state(loader_state), info)
-        if info.is_main:
-            try:
-                _save(epoch_next, blobs)
-            except CheckpointWriteError as exc:
-                before = (
-                    f"{ckpt_path} still holds step {last_saved}, intact"
-                    if last_saved >= 0
-                    else "no earlier checkpoint was written"
-                )
-                raise CheckpointWriteError(
-                    f"{ckpt_path}: cannot write the checkpoint of step {step}: {exc.reason}; "
-                    f"stopped, {before}: free space, then run the same command with --resume",
-                    exc.errno,
-                    exc.reason,
-                ) from None
-        if info.distributed:
-            dist.barrier()
+class StepLogger:
+    """Metrics of the steps (``metrics.jsonl``/``.csv``, TensorBoard), the progress bar or a
+    line per logged step, and the timings of the summary (throughput, steady throughput from
+    the 4th step of the job, slides per batch)."""
 
-    def _save(epoch_next: int, blobs: list[bytes]) -> None:
-        save_checkpoint(
-            ckpt_path,
-            {
-                "method_name": cfg.method,
-                "arch": cfg.arch,
-                "export_prefix": method.export_prefix,
-                "method": method.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "step": step,
-                "epoch": epoch_next,
-                "config": cfg.to_dict(),
-                "data_fingerprint": fingerprint,
-                "world_size": info.world_size,
-                "rank_states": blobs,
-            },
+    def __init__(self, run: Run, progress: bool | None) -> None:
+        info = run.info
+        self.run = run
+        # progress None: a bar on a terminal, else a line per log step; False: neither
+        self.show_bar = info.is_main and (progress if progress is not None else sys.stderr.isatty())
+        self.show_lines = info.is_main and progress is None and not self.show_bar
+        self.metrics = MetricsLogger(
+            run.out,
+            enabled=info.is_main,
+            tensorboard=run.cfg.tensorboard,
+            resume_step=run.step if run.resuming else None,
         )
+        self.slide_counts: list[int] = []
+        self.last_loss = float("nan")
+        self.t_start = time.perf_counter()
+        self.t_steady: float | None = None
+        self.steady_from = run.start_step + min(3, max(run.stop_at - run.start_step - 1, 0))
+        self.t_log, self.step_log = self.t_start, run.step
+        self.rate = StepRate(run.step, self.t_start)
+        self._stack = contextlib.ExitStack()
+        self.bar: Any = None
 
-    rate = StepRate(step, t_start)
-    stop.arm()  # from here a Ctrl-C finishes the step and checkpoints (a second one: at once)
-    with logger, progress_bar(stop_at, step, show_bar) as bar:
-        while step < stop_at:
-            loader.set_epoch(epoch)
-            start_epoch = getattr(method, "start_epoch", None)
-            if start_epoch is not None:  # e.g. SGCL's k-means refit (skipped when resumed)
-                start_epoch(epoch)
-            seen = False
-            for batch in rng_isolated(loader):
-                seen = True
-                slides = len(set(batch.meta["slide"]))  # this rank's batch
-                slide_counts.append(slides)
-                views = [v.to(device, non_blocking=True) for v in batch.views]
-                try:
-                    loss_value, outputs, grad_norm = train_step(
-                        model, method, optimizer, views, step, cfg, info,
-                        lr=float(lr_schedule[step]), wd=float(wd_schedule[step]),
-                        meta=batch.meta,
-                    )  # fmt: skip
-                except NonFiniteLossError as exc:
-                    last = (
-                        f"Last good checkpoint: {ckpt_path} (step {last_saved})."
-                        if last_saved >= 0
-                        else "No checkpoint was written."
+    def __enter__(self) -> StepLogger:
+        self._stack.enter_context(self.metrics)
+        self.bar = self._stack.enter_context(
+            progress_bar(self.run.stop_at, self.run.step, self.show_bar)
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def step_done(self, step: int, loss: float) -> None:
+        """Step ``step`` is done (before the stop check and the log)."""
+        self.rate.done(step, time.perf_counter())
+        self.last_loss = loss
+        if step == self.steady_from:
+            self.t_steady = time.perf_counter()
+
+    def log(self, outputs: dict[str, Tensor], grad_norm: Tensor | None, slides: int) -> None:
+        """Log the step just done when it is a log step (every ``log_every`` and the last);
+        advance the bar."""
+        run = self.run
+        step = run.step
+        if step % run.cfg.log_every == 0 or step == run.stop_at:
+            now = time.perf_counter()
+            ips = run.images_per_step * (step - self.step_log) / max(now - self.t_log, 1e-9)
+            self.t_log, self.step_log = now, step
+            record = self.record(outputs, grad_norm, slides, ips, now)
+            self.metrics.log(record)
+            device = run.info.device
+            self.bar.set_postfix(
+                loss=f"{self.last_loss:.4f}",
+                lr=f"{record['lr']:.2e}",
+                img_s=f"{ips:.1f}",
+                **({"mem": f"{record['mem_gb']:.1f}G"} if device.type == "cuda" else {}),
+            )
+            if self.show_lines:  # with steps/s and the time left (ETA) of this job
+                say(
+                    progress_line(
+                        step, run.plan.total_steps, run.epoch, self.last_loss, record["lr"],
+                        ips, self.rate, run.stop_at,
                     )
-                    raise NonFiniteLossError(
-                        f"{exc} (epoch {epoch}); stopped. {last} Try a lower --lr, a longer "
-                        "warmup, or --precision fp32."
-                    ) from None
-                step += 1
-                rate.done(step, time.perf_counter())
-                if stop.requested():  # on every rank alike: checkpoint below, then leave
-                    stop_at = step
-                last_loss = loss_value
-                if step == steady_from:
-                    t_steady = time.perf_counter()
-                epoch_done = batch.index + 1 >= len(loader)
+                )  # fmt: skip
+        self.bar.update(1)
 
-                if step % cfg.log_every == 0 or step == stop_at:
-                    now = time.perf_counter()
-                    ips = images_per_step * (step - step_log) / max(now - t_log, 1e-9)
-                    t_log, step_log = now, step
-                    record: dict[str, Any] = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": last_loss,
-                        "lr": float(lr_schedule[step - 1]),
-                        "wd": float(wd_schedule[step - 1]),
-                    }
-                    for k, v in outputs.items():
-                        if k != "loss" and isinstance(v, Tensor) and v.numel() == 1:
-                            record[k] = float(v.item())
-                    if grad_norm is not None:
-                        record["grad_norm"] = float(grad_norm.item())
-                    record["slides_per_batch"] = slides
-                    record["img_per_s"] = round(ips, 2)
-                    record["mem_gb"] = round(peak_memory_gb(device), 3)
-                    record["time"] = round(now - t_start, 3)
-                    logger.log(record)
-                    bar.set_postfix(
-                        loss=f"{last_loss:.4f}",
-                        lr=f"{record['lr']:.2e}",
-                        img_s=f"{ips:.1f}",
-                        **({"mem": f"{record['mem_gb']:.1f}G"} if device.type == "cuda" else {}),
-                    )
-                    if show_lines:  # with steps/s and the time left (ETA) of this job
-                        say(
-                            progress_line(
-                                step, total, epoch, last_loss, record["lr"], ips, rate, stop_at
-                            )
-                        )
-                bar.update(1)
+    def record(
+        self,
+        outputs: dict[str, Tensor],
+        grad_norm: Tensor | None,
+        slides: int,
+        ips: float,
+        now: float,
+    ) -> dict[str, Any]:
+        """The metrics row of the step just done."""
+        run = self.run
+        record: dict[str, Any] = {
+            "step": run.step,
+            "epoch": run.epoch,
+            "loss": self.last_loss,
+            "lr": float(run.lr_schedule[run.step - 1]),
+            "wd": float(run.wd_schedule[run.step - 1]),
+        }
+        for k, v in outputs.items():
+            if k != "loss" and isinstance(v, Tensor) and v.numel() == 1:
+                record[k] = float(v.item())
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm.item())
+        record["slides_per_batch"] = slides
+        record["img_per_s"] = round(ips, 2)
+        record["mem_gb"] = round(peak_memory_gb(run.info.device), 3)
+        record["time"] = round(now - self.t_start, 3)
+        return record
 
-                if step % cfg.save_every == 0 or step == stop_at:
-                    checkpoint(
-                        epoch + 1 if epoch_done else epoch,
-                        None if epoch_done else loader.state_dict(),
-                    )
-                    last_saved = step
-                if step >= stop_at:
-                    break
-            else:  # the epoch is over
-                if not seen:
-                    raise PathflowError(f"the loader yielded no batch in epoch {epoch}")
-                epoch += 1
 
-    # ---- outputs
-    seconds = time.perf_counter() - t_start
-    done = step - start_step
-    steady_steps = step - steady_from
-    steady_s = time.perf_counter() - t_steady if t_steady is not None else 0.0
+def run_epoch(run: Run, log: StepLogger, checkpointer: Checkpointer, stop: StopSignal) -> None:
+    """``train_one_epoch``: the batches of epoch ``run.epoch`` left (all of them, or up to
+    ``run.stop_at``); a checkpoint every ``save_every`` steps and at the last step of the job;
+    ``run.epoch`` advances when the epoch is over."""
+    loader, method = run.data.loader, run.method
+    assert run.model is not None, "start() first"
+    loader.set_epoch(run.epoch)
+    method.start_epoch(run.epoch)  # e.g. SGCL's k-means refit (skipped when resumed)
+    seen = False
+    for batch in rng_isolated(loader):
+        seen = True
+        slides = len(set(batch.meta["slide"]))  # this rank's batch
+        log.slide_counts.append(slides)
+        views = [v.to(run.info.device, non_blocking=True) for v in batch.views]
+        try:
+            loss, outputs, grad_norm = train_step(
+                run.model, method, run.optimizer, views, run.step, run.record, run.info,
+                lr=float(run.lr_schedule[run.step]), wd=float(run.wd_schedule[run.step]),
+                meta=batch.meta,
+            )  # fmt: skip
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(
+                f"{exc} (epoch {run.epoch}); stopped. {checkpointer.last_good()} Try a lower "
+                "--lr, a longer warmup, or --precision fp32."
+            ) from None
+        run.step += 1
+        log.step_done(run.step, loss)
+        if stop.requested():  # on every rank alike: checkpoint below, then leave
+            run.stop_at = run.step
+        epoch_done = batch.index + 1 >= len(loader)
+        log.log(outputs, grad_norm, slides)
+        if run.step % run.cfg.save_every == 0 or run.step == run.stop_at:
+            checkpointer.save(
+                run.step,
+                run.epoch + 1 if epoch_done else run.epoch,
+                None if epoch_done else loader.state_dict(),
+            )
+        if run.step >= run.stop_at:
+            return
+    if not seen:
+        raise PathflowError(f"the loader yielded no batch in epoch {run.epoch}")
+    run.epoch += 1
+
+
+def summarise(run: Run, log: StepLogger, stop: StopSignal) -> TrainSummary:
+    """The run's :class:`TrainSummary`; rank 0 exports the backbone (with the views'
+    normalisation), writes ``summary.json`` and says the last line."""
+    info, plan, step = run.info, run.plan, run.step
+    seconds = time.perf_counter() - log.t_start
+    done = step - run.start_step
+    steady_steps = step - log.steady_from
+    steady_s = time.perf_counter() - log.t_steady if log.t_steady is not None else 0.0
+    ips = run.images_per_step
+    counts = log.slide_counts
     summary = TrainSummary(
-        method=cfg.method,
-        arch=str(cfg.arch),
+        method=plan.method,
+        arch=plan.arch,
         steps=step,
-        start_step=start_step,
-        images=done * images_per_step,
+        start_step=run.start_step,
+        images=done * ips,
         seconds=round(seconds, 3),
-        images_per_s=round(done * images_per_step / max(seconds, 1e-9), 2),
+        images_per_s=round(done * ips / max(seconds, 1e-9), 2),
         images_per_s_steady=round(
-            steady_steps * images_per_step / steady_s if steady_s > 0 and steady_steps > 0 else 0,
-            2,
+            steady_steps * ips / steady_s if steady_s > 0 and steady_steps > 0 else 0, 2
         ),
-        peak_memory_gb=round(peak_memory_gb(device), 3),
+        peak_memory_gb=round(peak_memory_gb(info.device), 3),
         peak_rss_gb=round(peak_rss_gb(), 3),
-        slides_per_batch_mean=round(float(np.mean(slide_counts)), 3) if slide_counts else None,
-        slides_per_batch_min=min(slide_counts) if slide_counts else None,
-        final_loss=None if math.isnan(last_loss) else last_loss,
-        device=str(device),
-        world_size=info.world_size,
-        precision=cfg.precision,
-        compile=bool(cfg.compile),
-        batch_size=cfg.batch_size,
-        finished=step >= total,
-        out=str(out),
-        stopped_by=stop.reason if stop.stopped and step < total else None,
+        slides_per_batch_mean=round(float(np.mean(counts)), 3) if counts else None,
+        slides_per_batch_min=min(counts) if counts else None,
+        final_loss=None if math.isnan(log.last_loss) else log.last_loss,
+        device=str(info.device),
+        world_size=plan.world_size,
+        precision=plan.precision,
+        compile=plan.compile,
+        batch_size=plan.batch_size,
+        finished=step >= plan.total_steps,
+        out=str(run.out),
+        stopped_by=stop.reason if stop.stopped and step < plan.total_steps else None,
     )
     if info.is_main:
-        spec = getattr(loader, "spec", None)  # the training normalisation, for --norm auto
-        with naming_os_errors(out / "backbone.safetensors"):
-            export_backbone(
-                method, out / "backbone.safetensors", arch=str(cfg.arch),
-                mean=getattr(spec, "mean", None), std=getattr(spec, "std", None),
-            )  # fmt: skip
-        with naming_os_errors(out / "summary.json"):
-            atomic_write_text(out / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+        write_outputs(run, summary)
         say(summary.line())
         if summary.stopped_by:
-            say(stop.message(step, ckpt_path))
+            say(stop.message(step, run.ckpt_path))
     if summary.stopped_by and info.distributed:
         dist.barrier()  # no rank exits (75) before rank 0's outputs: srun --kill-on-bad-exit
     return summary
 
 
-def _lengths_text(cfg: TrainConfig) -> str:
-    return ", ".join(f"{k} {v}" for k, v in cfg.schedule_lengths().items())
+def write_outputs(run: Run, summary: TrainSummary) -> None:
+    """``backbone.safetensors`` (with the training normalisation, for ``--norm auto``) and
+    ``summary.json``."""
+    out = run.out
+    with naming_os_errors(out / "backbone.safetensors"):
+        export_backbone(
+            run.method, out / "backbone.safetensors", arch=run.plan.arch,
+            mean=run.data.mean, std=run.data.std,
+        )  # fmt: skip
+    with naming_os_errors(out / "summary.json"):
+        atomic_write_text(out / "summary.json", json.dumps(asdict(summary), indent=2) + "\n")
+
+
+def _train(
+    cfg: TrainConfig, info: DistInfo, progress: bool | None, stop: StopSignal
+) -> TrainSummary:
+    use_cpu_cores(cfg, info.device)
+    opened = open_run(cfg, info)
+    if isinstance(opened, TrainSummary):  # --resume of a finished run
+        return opened
+    run = setup(cfg, info, opened)
+    resume(run, opened.ckpt)
+    del opened  # the checkpoint's tensors
+    start(run)
+    checkpointer = Checkpointer(
+        run.ckpt_path,
+        run.checkpoint_content,
+        rank=info.rank,
+        world_size=info.world_size if info.distributed else 1,
+        last_saved=run.step if run.resuming else -1,
+    )
+    with StepLogger(run, progress) as log:
+        stop.arm()  # from here a Ctrl-C finishes the step and checkpoints (a second: at once)
+        while run.step < run.stop_at:
+            run_epoch(run, log, checkpointer, stop)
+    return summarise(run, log, stop)
 
 
 def _saved_total(ckpt: dict[str, Any]) -> int:
@@ -837,10 +777,28 @@ def _finished(cfg: TrainConfig, ckpt: dict[str, Any], out: Path, info: DistInfo)
 
 __all__ = [
     "NonFiniteLossError",
+    "Run",
+    "StepLogger",
+    "TrainData",
     "TrainSummary",
+    "build_feature_loader",
     "build_loader",
     "build_method",
     "build_optimizer",
+    "compile_backbones",
+    "data_fingerprint",
+    "open_data",
+    "open_run",
+    "recorded_config",
+    "resolve_data",
+    "resolve_runtime",
+    "resume",
+    "run_epoch",
+    "runtime_settings",
+    "seed_everything",
+    "setup",
+    "start",
+    "summarise",
     "train",
     "train_step",
     "wrap_ddp",

@@ -45,18 +45,14 @@ import torch
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.heads.mlp import MLPHead
 from pathflow.train.losses.barlow_loss import BarlowTwinsLoss
 from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
 from pathflow.train.methods.registry import register_method
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
+    from pathflow.train.plan import RunPlan
 
 
 @dataclass
@@ -111,10 +107,15 @@ class BarlowTwins(SSLMethod):
     export_prefix = "encoder.backbone."
     config_class = BarlowTwinsConfig
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: BarlowTwinsConfig,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        opts: BarlowTwinsConfig = cfg.options
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         dims = opts.projector_dims(embed_dim)
         hidden = dims[0] if len(dims) > 1 else dims[-1]
         head = MLPHead(embed_dim, hidden, dims[-1], num_layers=len(dims))

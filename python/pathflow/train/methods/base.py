@@ -25,7 +25,7 @@ from pathflow.config import YamlConfig
 from pathflow.exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
+    from pathflow.train.plan import StepClock
 
 
 @dataclasses.dataclass
@@ -62,9 +62,18 @@ class MethodConfig(YamlConfig):
         opts.validate()
         return opts
 
-    def schedule_lengths(self, cfg: TrainConfig) -> dict[str, int]:
-        """The method's own schedule lengths in steps (e.g. DINO's temperature warmup)."""
+    def schedule_lengths(self, clock: StepClock) -> dict[str, int]:
+        """The method's own schedule lengths in steps (e.g. DINO's temperature warmup), from
+        the run's length (``clock.steps_or_epochs``: a :class:`~pathflow.train.plan.RunPlan`
+        or a config's :meth:`~pathflow.train.config.TrainConfig.clock`)."""
         return {}
+
+
+def default_channels_last(backbone: nn.Module, setting: bool | None) -> bool:
+    """``--channels-last`` as given, else on for CNNs (the layout their kernels prefer)."""
+    from pathflow.train.backbones import is_cnn
+
+    return setting if setting is not None else is_cnn(backbone)
 
 
 class MultiCropEncoder(nn.Module):
@@ -104,10 +113,10 @@ def clip_per_parameter(params: list[nn.Parameter], max_norm: float) -> Tensor:
         >>> import torch
         >>> a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
         >>> a.grad, b.grad = torch.tensor([6.0, 8.0]), torch.tensor([1.0])
-        >>> float(clip_per_parameter([a, b], 5.0) ** 2)
+        >>> round(float(clip_per_parameter([a, b], 5.0) ** 2), 4)
         101.0
-        >>> a.grad.norm().item() < 5.0, b.grad.item()
-        (True, 1.0)
+        >>> round(a.grad.norm().item(), 4), b.grad.item()  # a clipped to 5, b left alone
+        (5.0, 1.0)
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -140,10 +149,18 @@ class SSLMethod(nn.Module):
     """Base class of self-supervised methods.
 
     Subclasses set ``views_preset`` (the loader's view preset they expect, ``"dino"`` or
-    ``"simclr"``) and implement :meth:`forward` and :meth:`backbone_for_export`.
+    ``"simclr"``) and ``config_class``, and implement :meth:`forward` and
+    :meth:`backbone_for_export`. They are built as ``cls(backbone, embed_dim, options,
+    plan, channels_last)``: the backbone and its feature width, the method's options (an
+    instance of ``config_class``), the run's :class:`~pathflow.train.plan.RunPlan` (total
+    steps, schedule lengths, world size, ...) and whether views go in channels-last.
+    Every hook the trainer calls is declared here, with a default.
     """
 
     views_preset: str = ""
+    #: Whether :meth:`forward` takes the batch's metadata (``meta=``; SGCL: the sample
+    #: indices of its memory bank).
+    uses_meta: ClassVar[bool] = False
     #: What the method trains on: ``"images"`` (WebDataset shards, :mod:`pathflow.data`) or
     #: ``"region_features"`` (HIPT region-feature files, :mod:`pathflow.data.features`).
     data_kind: ClassVar[str] = "images"
@@ -157,8 +174,12 @@ class SSLMethod(nn.Module):
     ddp_local_buffers: ClassVar[tuple[str, ...]] = ()
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:  # pragma: no cover
-        """Loss (key ``"loss"``) and other scalars to log, for one batch of views."""
+        """Loss (key ``"loss"``) and other scalars to log, for one batch of views (methods
+        with ``uses_meta`` take ``meta=`` too)."""
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before each epoch's first batch (SGCL: its k-means refit)."""
 
     def after_step(self, step: int) -> None:
         """Called after ``optimizer.step()`` of step ``step`` (e.g. EMA teacher update)."""

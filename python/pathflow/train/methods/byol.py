@@ -42,20 +42,16 @@ import torch
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.ema import EMA, EMA_SCHEDULES, ema_copy
 from pathflow.train.heads import MLPHead
 from pathflow.train.losses import BYOLLoss
 from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
 from pathflow.train.methods.registry import register_method
 from pathflow.train.monitors import embedding_std
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
+    from pathflow.train.plan import RunPlan
 
 
 @dataclass
@@ -102,16 +98,21 @@ class BYOL(SSLMethod):
     export_prefix = "online.backbone."
     config_class = BYOLConfig
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: BYOLConfig,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        opts: BYOLConfig = cfg.options
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         projector = MLPHead(embed_dim, opts.proj_hidden_dim, opts.proj_dim, 2)
         self.online = MultiCropEncoder(backbone, projector, channels_last)
         self.predictor = MLPHead(opts.proj_dim, opts.pred_hidden_dim, opts.proj_dim, 2)
         self.target = ema_copy(self.online)  # same initial weights
         self.criterion = BYOLLoss()
-        self.ema = EMA(opts.momentum, cfg.total_steps, opts.momentum_schedule)
+        self.ema = EMA(opts.momentum, plan.total_steps, opts.momentum_schedule)
 
     @property
     def projector(self) -> nn.Module:

@@ -45,35 +45,27 @@ from pathflow.train.heads.cluster_head import ClusterHead
 from pathflow.train.losses.cluster_loss import ClusterLoss
 from pathflow.train.losses.negative_cosine import cosine_rows
 from pathflow.train.methods.byol import BYOL, BYOLConfig
-from pathflow.train.methods.clusiam import cluster_logits, validate_cluster_options
+from pathflow.train.methods.clusiam import CLUSTER_HELP, ClusterOptions, cluster_logits
 from pathflow.train.methods.registry import register_method
 from pathflow.train.monitors import embedding_std
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
+    from pathflow.train.plan import RunPlan
 
 
 @dataclass
-class CluBYOLConfig(BYOLConfig):
+class CluBYOLConfig(ClusterOptions, BYOLConfig):
     """CluBYOL's options (YAML section ``clubyol:``, flags ``--clubyol.NAME``): BYOL's (with
-    the reference's constant 0.99 momentum) plus the cluster term's."""
+    the reference's constant 0.99 momentum) plus the cluster term's (:class:`ClusterOptions`,
+    with the reference's alpha 0.9 and a 256-wide cluster projector)."""
 
-    momentum: float = field(default=0.99, metadata={"help": "target EMA momentum"})
+    momentum: float = field(default=0.99, metadata=_h("target EMA momentum"))
     momentum_schedule: str = field(
-        default="constant", metadata={"help": "target EMA momentum: constant or cosine (to 1)"}
+        default="constant", metadata=_h("target EMA momentum: constant or cosine (to 1)")
     )
-    alpha: float = field(
-        default=0.9, metadata={"help": "weight of the cluster term (1 - alpha: invariance)"}
-    )
-    num_clusters: int = field(default=100, metadata={"help": "clusters K of the assigner"})
-    cluster_hidden_dim: int = field(default=256, metadata={"help": "cluster projector width"})
-    gumbel_tau: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature"})
-
-    def validate(self) -> None:
-        super().validate()
-        validate_cluster_options(
-            "clubyol", self.alpha, self.num_clusters, self.cluster_hidden_dim, self.gumbel_tau
-        )
+    alpha: float = field(default=0.9, metadata=_h(CLUSTER_HELP["alpha"]))
+    cluster_hidden_dim: int = field(default=256, metadata=_h(CLUSTER_HELP["cluster_hidden_dim"]))
 
 
 @register_method("clubyol")
@@ -83,9 +75,15 @@ class CluBYOL(BYOL):
     views_preset = "simclr"
     config_class = CluBYOLConfig
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
-        super().__init__(backbone, embed_dim, cfg)
-        opts: CluBYOLConfig = cfg.options
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: CluBYOLConfig,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(backbone, embed_dim, opts, plan, channels_last)
         self.cluster_head = ClusterHead(opts.proj_dim, opts.cluster_hidden_dim, opts.num_clusters)
         self.cluster_loss = ClusterLoss(tau=opts.gumbel_tau)
         self.alpha = opts.alpha

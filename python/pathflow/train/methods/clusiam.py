@@ -43,12 +43,14 @@ from pathflow.exceptions import ConfigError
 from pathflow.train.heads.cluster_head import ClusterHead
 from pathflow.train.losses.cluster_loss import ClusterLoss
 from pathflow.train.losses.negative_cosine import cosine_rows
+from pathflow.train.methods.base import MethodConfig
 from pathflow.train.methods.registry import register_method
 from pathflow.train.methods.simsiam import SimSiam, SimSiamConfig
 from pathflow.train.monitors import embedding_std
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
+    from pathflow.train.plan import RunPlan
 
 
 def validate_cluster_options(
@@ -65,28 +67,44 @@ def validate_cluster_options(
         raise ConfigError(f"{method} gumbel_tau must be > 0, got {tau}")
 
 
+#: ``--help`` of the cluster options.
+CLUSTER_HELP = {
+    "alpha": "weight of the cluster term (1 - alpha: invariance)",
+    "num_clusters": "clusters K of the assigner",
+    "cluster_hidden_dim": "cluster projector width",
+    "gumbel_tau": "Gumbel-softmax temperature",
+}
+
+
+@dataclass
+class ClusterOptions(MethodConfig):
+    """The cluster term's options, shared by CluSiam and CluBYOL (a mixin before the base
+    method's options: ``class CluSiamConfig(ClusterOptions, SimSiamConfig)``; the fields
+    come after the base method's). A method with other defaults redeclares those fields
+    with their :data:`CLUSTER_HELP`."""
+
+    alpha: float = field(default=0.5, metadata=_h(CLUSTER_HELP["alpha"]))
+    num_clusters: int = field(default=100, metadata=_h(CLUSTER_HELP["num_clusters"]))
+    cluster_hidden_dim: int = field(default=512, metadata=_h(CLUSTER_HELP["cluster_hidden_dim"]))
+    gumbel_tau: float = field(default=1.0, metadata=_h(CLUSTER_HELP["gumbel_tau"]))
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__.removesuffix("Config").lower()  # clusiam, clubyol
+        validate_cluster_options(
+            name, self.alpha, self.num_clusters, self.cluster_hidden_dim, self.gumbel_tau
+        )
+
+
 def cluster_logits(head: nn.Module, z1: Tensor, z2: Tensor) -> Tensor:
     """Assigner logits of both views, stacked (one head pass per view)."""
     return torch.cat([head(z1), head(z2)])
 
 
 @dataclass
-class CluSiamConfig(SimSiamConfig):
+class CluSiamConfig(ClusterOptions, SimSiamConfig):
     """CluSiam's options (YAML section ``clusiam:``, flags ``--clusiam.NAME``): SimSiam's
-    plus the cluster term's."""
-
-    alpha: float = field(
-        default=0.5, metadata={"help": "weight of the cluster term (1 - alpha: invariance)"}
-    )
-    num_clusters: int = field(default=100, metadata={"help": "clusters K of the assigner"})
-    cluster_hidden_dim: int = field(default=512, metadata={"help": "cluster projector width"})
-    gumbel_tau: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature"})
-
-    def validate(self) -> None:
-        super().validate()
-        validate_cluster_options(
-            "clusiam", self.alpha, self.num_clusters, self.cluster_hidden_dim, self.gumbel_tau
-        )
+    plus the cluster term's (:class:`ClusterOptions`)."""
 
 
 @register_method("clusiam")
@@ -95,9 +113,15 @@ class CluSiam(SimSiam):
 
     config_class = CluSiamConfig
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
-        super().__init__(backbone, embed_dim, cfg)
-        opts: CluSiamConfig = cfg.options
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: CluSiamConfig,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(backbone, embed_dim, opts, plan, channels_last)
         self.cluster_head = ClusterHead(opts.proj_dim, opts.cluster_hidden_dim, opts.num_clusters)
         self.cluster_loss = ClusterLoss(tau=opts.gumbel_tau)
         self.alpha = opts.alpha

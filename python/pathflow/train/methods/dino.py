@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.ema import EMA, ema_copy
 from pathflow.train.heads import DINOHead
 from pathflow.train.losses import DINOLoss
@@ -44,14 +43,11 @@ from pathflow.train.methods.base import (
 )
 from pathflow.train.methods.registry import register_method
 from pathflow.train.monitors import effective_rank, embedding_std
+from pathflow.train.plan import h as _h
 from pathflow.train.schedules import warmup_constant_schedule
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
+    from pathflow.train.plan import RunPlan, StepClock
 
 
 @dataclass
@@ -96,12 +92,12 @@ class DINOConfig(MethodConfig):
         if not 0 <= self.momentum_teacher <= 1 or not 0 <= self.center_momentum <= 1:
             raise ConfigError("dino momentum_teacher and center_momentum must be in [0, 1]")
 
-    def schedule_lengths(self, cfg: TrainConfig) -> dict[str, int]:
+    def schedule_lengths(self, clock: StepClock) -> dict[str, int]:
         return {
-            "teacher_temp_warmup": cfg.steps_or_epochs(
+            "teacher_temp_warmup": clock.steps_or_epochs(
                 self.warmup_teacher_temp_steps, self.warmup_teacher_temp_epochs
             ),
-            "frozen_last_layer": cfg.steps_or_epochs(
+            "frozen_last_layer": clock.steps_or_epochs(
                 self.freeze_last_layer_steps, self.freeze_last_layer
             ),
         }
@@ -116,15 +112,20 @@ class DINO(SSLMethod):
     config_class = DINOConfig
     ddp_local_buffers = ("loss.center",)  # all-reduced by the loss itself
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: DINOConfig,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        opts: DINOConfig = cfg.options
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         head = DINOHead(embed_dim, opts.out_dim, norm_last_layer=opts.norm_last_layer)
         self.student = MultiCropEncoder(backbone, head, channels_last)
         self.teacher = ema_copy(self.student)  # same initial weights, as dino
-        total = cfg.total_steps
-        lengths = opts.schedule_lengths(cfg)
+        total = plan.total_steps
+        lengths = opts.schedule_lengths(plan)
         self.loss = DINOLoss(
             opts.out_dim,
             teacher_temps=warmup_constant_schedule(

@@ -25,10 +25,7 @@ from typing import Any, ClassVar
 
 from pathflow.train.methods.dino import DINO, DINOConfig
 from pathflow.train.methods.registry import register_method
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
+from pathflow.train.plan import h as _h
 
 
 @dataclass

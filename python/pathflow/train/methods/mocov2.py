@@ -45,20 +45,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.distributed import get_rank, get_world_size, is_dist
 from pathflow.train.ema import EMA, ema_copy
 from pathflow.train.heads import MLPHead
 from pathflow.train.losses import InfoNCELoss, KeyQueue
 from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
 from pathflow.train.methods.registry import register_method
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
+    from pathflow.train.plan import RunPlan
 
 
 @dataclass
@@ -139,17 +135,22 @@ class MoCoV2(SSLMethod):
     config_class = MoCoV2Config
     ddp_local_buffers = ("queue.keys", "queue.ptr")  # kept identical by the all-gathered keys
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: MoCoV2Config,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        opts: MoCoV2Config = cfg.options
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         hidden = opts.proj_hidden_dim or embed_dim
         neck = MLPHead(embed_dim, hidden, opts.proj_dim, 2, batch_norm=False)
         self.query = MultiCropEncoder(backbone, neck, channels_last)
         self.key = ema_copy(self.query)  # same initial weights
         self.queue = KeyQueue(opts.queue_size, opts.proj_dim)
         self.loss = InfoNCELoss(opts.temperature)
-        self.ema = EMA(opts.momentum, cfg.total_steps, "constant")
+        self.ema = EMA(opts.momentum, plan.total_steps, "constant")
         self.shuffle_bn = opts.shuffle_bn
         self._keys: Tensor | None = None
 

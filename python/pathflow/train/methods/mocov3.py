@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.distributed import get_rank
 from pathflow.train.ema import EMA, EMA_SCHEDULES, ema_copy
 from pathflow.train.heads import MLPHead
@@ -56,13 +55,10 @@ from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMetho
 from pathflow.train.methods.mocov2 import concat_all_gather
 from pathflow.train.methods.registry import register_method
 from pathflow.train.monitors import effective_rank, embedding_std
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
+    from pathflow.train.plan import RunPlan
 
 
 @dataclass
@@ -125,10 +121,15 @@ class MoCoV3(SSLMethod):
     export_prefix = "base.backbone."
     config_class = MoCoV3Config
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: MoCoV3Config,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        opts: MoCoV3Config = cfg.options
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         patch_embed = getattr(backbone, "patch_embed", None)
         if opts.freeze_patch_embed and patch_embed is not None:
             for p in patch_embed.parameters():
@@ -140,7 +141,7 @@ class MoCoV3(SSLMethod):
         )
         self.momentum_encoder = ema_copy(self.base)  # same initial weights
         self.temperature = opts.temperature
-        self.ema = EMA(opts.momentum, cfg.total_steps, opts.momentum_schedule)
+        self.ema = EMA(opts.momentum, plan.total_steps, opts.momentum_schedule)
 
     def forward(self, views: list[Tensor], step: int) -> dict[str, Tensor]:
         if len(views) < 2:

@@ -93,7 +93,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.distributed import get_rank, is_dist
 from pathflow.train.losses.sgcl_loss import (
     SEMANTIC_REDUCTIONS,
@@ -105,22 +104,25 @@ from pathflow.train.losses.sgcl_loss import (
     sgcl_terms,
     spatial_positive_mask,
 )
-from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
+from pathflow.train.methods.base import (
+    MethodConfig,
+    MultiCropEncoder,
+    SSLMethod,
+    default_channels_last,
+)
 from pathflow.train.methods.mocov2 import concat_all_gather
 from pathflow.train.methods.registry import register_method
 from pathflow.train.monitors import embedding_std
+from pathflow.train.plan import RunPlan
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
     from pathflow.data.shardset import ShardSet
-    from pathflow.train.config import TrainConfig
+    from pathflow.train.plan import StepClock
 
 KMEANS_BACKENDS = ("auto", "faiss", "sklearn")
 #: Offset of the k-means seeds (the reference's ``DEFAULT_KMEANS_SEED``).
 KMEANS_SEED = 1234
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
 
 
 @dataclass
@@ -231,8 +233,8 @@ class SGCLConfig(MethodConfig):
                 f"got {self.kmeans_backend!r}"
             )
 
-    def schedule_lengths(self, cfg: TrainConfig) -> dict[str, int]:
-        return {"positive_rampup": cfg.steps_or_epochs(self.rampup_steps, self.rampup_epochs)}
+    def schedule_lengths(self, clock: StepClock) -> dict[str, int]:
+        return {"positive_rampup": clock.steps_or_epochs(self.rampup_steps, self.rampup_epochs)}
 
 
 # ------------------------------------------------------------------------ sample positions
@@ -271,7 +273,7 @@ def read_positions(shardset: ShardSet) -> SamplePositions:
 def positions_of_data(data: str) -> SamplePositions:
     """:func:`read_positions` of ``--data`` (resolved as the trainer does)."""
     from pathflow.data.shardset import ShardSet
-    from pathflow.train.trainer import resolve_data
+    from pathflow.data.sources import resolve_data
 
     shardset = ShardSet(resolve_data(data))
     try:
@@ -280,17 +282,17 @@ def positions_of_data(data: str) -> SamplePositions:
         shardset.close()
 
 
-def count_local_views(cfg: TrainConfig) -> int:
-    """The local crops per sample of ``cfg``'s views: the views of another size than the
+def count_local_views(plan: RunPlan) -> int:
+    """The local crops per sample of the run's views: the views of another size than the
     first (:func:`pathflow.data.create_views` of ``--views`` and its size options)."""
     from pathflow.data.views import create_views
 
     try:
         spec = create_views(
-            cfg.views or SGCL.views_preset,
-            global_size=cfg.global_size,
-            local_size=cfg.local_size,
-            num_local=cfg.num_local,
+            plan.views or SGCL.views_preset,
+            global_size=plan.global_size,
+            local_size=plan.local_size,
+            num_local=plan.num_local,
         )
     except ValueError as exc:
         raise ConfigError(f"sgcl views: {exc}") from None
@@ -348,21 +350,26 @@ class SGCL(SSLMethod):
         self,
         backbone: nn.Module,
         embed_dim: int,
-        cfg: TrainConfig,
+        opts: SGCLConfig,
+        plan: RunPlan | None = None,
+        channels_last: bool | None = None,
         positions: SamplePositions | None = None,
     ) -> None:
         super().__init__()
-        opts: SGCLConfig = cfg.options
-        if getattr(cfg, "positives", "augment") == "neighbour":
+        if plan is None:  # SGCL(backbone, embed_dim, a resolved TrainConfig, ...)
+            plan = RunPlan.from_config(opts)
+            opts = opts.options  # type: ignore[attr-defined]
+        if channels_last is None:
+            channels_last = default_channels_last(backbone, plan.channels_last)
+        if plan.positives == "neighbour":
             raise ConfigError(
                 "sgcl takes its spatial positives from its bank: --positives neighbour would "
                 "file a neighbour's view under the anchor's sample (use augment or scale)"
             )
         if positions is None:
-            if not cfg.data:
+            if not plan.data:
                 raise ConfigError("sgcl needs the training data (--data) to size its bank")
-            positions = positions_of_data(str(cfg.data))
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
+            positions = positions_of_data(plan.data)
         self.encoder = MultiCropEncoder(
             backbone, nn.Linear(embed_dim, opts.proj_dim), channels_last
         )
@@ -370,14 +377,14 @@ class SGCL(SSLMethod):
         self.bank = SpatialMemoryBank(p.slide, p.x, p.y, p.grid, opts.proj_dim, opts.kmeans_runs)
         #: One bank per local crop (``[L, N, d]``, NPID's random unit rows), when the views
         #: have local crops and ``local_weight`` > 0; else local crops are not used.
-        self.num_local = count_local_views(cfg) if opts.local_weight > 0 else 0
+        self.num_local = count_local_views(plan) if opts.local_weight > 0 else 0
         if self.num_local:
             n, d = len(self.bank), opts.proj_dim
             rows = F.normalize(torch.randn(self.num_local, n, d), dim=2)
             self.register_buffer("local_bank", rows)
         self.opts = opts
-        self.seed = cfg.seed
-        self.rampup = opts.schedule_lengths(cfg)["positive_rampup"]
+        self.seed = plan.seed
+        self.rampup = opts.schedule_lengths(plan)["positive_rampup"]
         self._pending: tuple[Tensor, Tensor] | None = None
         self._pending_local: Tensor | None = None
 

@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.heads import SimCLRProjectionHead
 from pathflow.train.losses import NTXentLoss
 from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
 from pathflow.train.methods.registry import register_method
 from pathflow.train.monitors import effective_rank, embedding_std
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
+    from pathflow.train.plan import RunPlan
 
 
 @dataclass
@@ -53,9 +53,9 @@ class SimCLRConfig(MethodConfig):
         "clip_grad": 0.0,
     }
 
-    temperature: float = field(default=0.1, metadata={"help": "NT-Xent temperature"})
-    proj_hidden_dim: int = field(default=2048, metadata={"help": "projector hidden width"})
-    proj_dim: int = field(default=128, metadata={"help": "projector output dimension"})
+    temperature: float = field(default=0.1, metadata=_h("NT-Xent temperature"))
+    proj_hidden_dim: int = field(default=2048, metadata=_h("projector hidden width"))
+    proj_dim: int = field(default=128, metadata=_h("projector output dimension"))
 
     def validate(self) -> None:
         if self.temperature <= 0:
@@ -70,10 +70,15 @@ class SimCLR(SSLMethod):
     export_prefix = "encoder.backbone."
     config_class = SimCLRConfig
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: SimCLRConfig,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        opts: SimCLRConfig = cfg.options
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         head = SimCLRProjectionHead(embed_dim, opts.proj_hidden_dim, opts.proj_dim)
         self.encoder = MultiCropEncoder(backbone, head, channels_last)
         self.loss = NTXentLoss(opts.temperature)

@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.heads import MLPHead
 from pathflow.train.losses import NegativeCosineLoss
 from pathflow.train.methods.base import (
@@ -53,13 +52,10 @@ from pathflow.train.methods.base import (
 )
 from pathflow.train.methods.registry import register_method
 from pathflow.train.monitors import embedding_std
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
+    from pathflow.train.plan import RunPlan
 
 
 @dataclass
@@ -99,10 +95,15 @@ class SimSiam(SSLMethod):
     export_prefix = "online.backbone."
     config_class = SimSiamConfig
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: SimSiamConfig,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        opts: SimSiamConfig = cfg.options
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         projector = MLPHead(
             embed_dim, opts.proj_hidden_dim, opts.proj_dim, opts.proj_layers, bn_last=True
         )

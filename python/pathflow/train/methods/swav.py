@@ -55,21 +55,17 @@ import torch
 from torch import Tensor, nn
 
 from pathflow.exceptions import ConfigError
-from pathflow.train.backbones import is_cnn
 from pathflow.train.heads.swav_head import Prototypes, SwAVHead
 from pathflow.train.losses.swav_loss import SwAVLoss
 from pathflow.train.methods.base import MethodConfig, MultiCropEncoder, SSLMethod
 from pathflow.train.methods.registry import register_method
+from pathflow.train.plan import h as _h
 
 if TYPE_CHECKING:
-    from pathflow.train.config import TrainConfig
+    from pathflow.train.plan import RunPlan, StepClock
 
 #: The crops whose codes are predicted (the 2 global crops), as the reference.
 CROPS_FOR_ASSIGN = (0, 1)
-
-
-def _h(text: str) -> Any:
-    return {"help": text}
 
 
 @dataclass
@@ -119,14 +115,14 @@ class SwAVConfig(MethodConfig):
         if self.queue_length < 0:
             raise ConfigError(f"swav queue_length must be >= 0, got {self.queue_length}")
 
-    def schedule_lengths(self, cfg: TrainConfig) -> dict[str, int]:
+    def schedule_lengths(self, clock: StepClock) -> dict[str, int]:
         lengths = {
-            "frozen_prototypes": cfg.steps_or_epochs(
+            "frozen_prototypes": clock.steps_or_epochs(
                 self.freeze_prototypes_steps, self.freeze_prototypes
             )
         }
         if self.queue_length > 0:
-            lengths["queue_start"] = cfg.steps_or_epochs(
+            lengths["queue_start"] = clock.steps_or_epochs(
                 self.queue_start_steps, self.queue_start_epoch
             )
         return lengths
@@ -152,22 +148,27 @@ class SwAV(SSLMethod):
     queue: Tensor
     queue_filled: Tensor
 
-    def __init__(self, backbone: nn.Module, embed_dim: int, cfg: TrainConfig) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        opts: SwAVConfig,
+        plan: RunPlan,
+        channels_last: bool = False,
+    ) -> None:
         super().__init__()
-        opts: SwAVConfig = cfg.options
-        channels_last = cfg.channels_last if cfg.channels_last is not None else is_cnn(backbone)
         head = SwAVHead(embed_dim, opts.proj_hidden_dim, opts.proj_dim)
         self.encoder = MultiCropEncoder(backbone, head, channels_last)
         self.prototypes = Prototypes(opts.proj_dim, opts.n_prototypes)
         self.loss = SwAVLoss(
             opts.temperature, opts.epsilon, opts.sinkhorn_iterations, CROPS_FOR_ASSIGN
         )
-        rows = local_queue_rows(opts.queue_length, cfg.batch_size, cfg.world_size)
+        rows = local_queue_rows(opts.queue_length, plan.batch_size, plan.world_size)
         self.register_buffer("queue", torch.zeros(len(CROPS_FOR_ASSIGN), rows, opts.proj_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
-        lengths = opts.schedule_lengths(cfg)
+        lengths = opts.schedule_lengths(plan)
         self.freeze_prototypes_steps = lengths["frozen_prototypes"]
-        self.queue_start_steps = lengths.get("queue_start", cfg.total_steps)
+        self.queue_start_steps = lengths.get("queue_start", plan.total_steps)
         self._pending: Tensor | None = None
         #: The codes of the last forward, ``[2, B_local, K]`` (diagnostics and tests).
         self.last_codes: Tensor | None = None
