@@ -41,6 +41,14 @@ FEATURE_FORMATS = ("h5", "pt")
 EXTRACT_MODELS = ("patches", "regions", "hipt")
 #: dtype of HIPT region features.
 REGION_DTYPES = ("float16", "float32")
+#: Training precision (``pathflow train --precision``).
+TRAIN_PRECISIONS = ("auto", "bf16", "fp32")
+#: ``pathflow train --optimizer``.
+OPTIMIZERS = ("adamw", "sgd", "lars")
+#: Positive pairs of the loaders (``--positives``).
+POSITIVES = ("augment", "neighbour", "scale")
+#: Tensor types the loaders return (``make_loader(output=...)``).
+LOADER_OUTPUTS = ("float", "bfloat16", "uint8")
 #: Datasets of a features file averaged by ``pathflow eval slide-knn --feature``.
 SLIDE_FEATURES = ("auto", "cls4k", "mean256", "concat", "features", "region_features")
 
@@ -60,11 +68,15 @@ __all__ = [
     "IMAGE_FORMATS",
     "INFERENCE_PRECISIONS",
     "LAYOUTS",
+    "LOADER_OUTPUTS",
     "MASK_MODES",
     "NORM_MODES",
+    "OPTIMIZERS",
+    "POSITIVES",
     "REGION_DTYPES",
     "SLIDE_FEATURES",
     "TILE_PRESETS",
+    "TRAIN_PRECISIONS",
     "TRANSCODE_MODES",
     "one_of",
 ]

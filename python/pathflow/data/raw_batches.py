@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from pathflow.choices import LOADER_OUTPUTS, POSITIVES
 from pathflow.data.batch import RawBatch
 from pathflow.data.shardset import ShardSet, epoch_order
 from pathflow.data.views import (
@@ -33,8 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pathflow.data")
 
-OUTPUTS = ("float", "bfloat16", "uint8")
-POSITIVES = ("augment", "neighbour", "scale")
+OUTPUTS = LOADER_OUTPUTS
 
 
 @dataclass

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pathflow.choices import INFERENCE_PRECISIONS, NORM_MODES
 from pathflow.exceptions import ConfigError, PathflowError
 
 log = logging.getLogger("pathflow.extract")
@@ -34,11 +35,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: HIPT's inference normalisation (mean = std = 0.5), ``--norm hipt``.
 HIPT_MEAN = HIPT_STD = (0.5, 0.5, 0.5)
 
-#: Values of ``norm`` (``--norm``).
-NORMS = ("auto", "model", "imagenet", "hipt")
-
-#: Values of ``precision`` (``--precision``).
-PRECISIONS = ("auto", "fp32", "bf16")
+#: Values of ``norm`` (``--norm``) and ``precision`` (``--precision``).
+NORMS = NORM_MODES
+PRECISIONS = INFERENCE_PRECISIONS
 
 Triple = tuple[float, float, float]
 

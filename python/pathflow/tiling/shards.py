@@ -48,6 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pathflow import _core
+from pathflow.choices import IMAGE_FORMATS, TRANSCODE_MODES, one_of
 from pathflow.exceptions import InvalidArgumentError, PathflowError
 
 CHUNK = 512
@@ -73,12 +74,14 @@ class ShardParams:
         return len(self.mpps) > 1
 
     def validate(self) -> None:
-        if self.format not in ("jpg", "png", "webp"):
-            raise InvalidArgumentError(f"format must be jpg, png or webp, got {self.format!r}")
+        if self.format not in IMAGE_FORMATS:
+            raise InvalidArgumentError(
+                f"format must be {one_of(IMAGE_FORMATS)}, got {self.format!r}"
+            )
         if not 1 <= self.quality <= 100:
             raise InvalidArgumentError(f"quality must be in 1..100, got {self.quality}")
-        if self.transcode not in ("auto", "always", "never"):
-            raise InvalidArgumentError("transcode must be auto, always or never")
+        if self.transcode not in TRANSCODE_MODES:
+            raise InvalidArgumentError(f"transcode must be {one_of(TRANSCODE_MODES)}")
         if self.max_samples < 1 or self.max_mb <= 0:
             raise InvalidArgumentError("shard limits must be positive")
         if self.mpps:

@@ -42,14 +42,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pathflow.choices import OPTIMIZERS, POSITIVES, TRAIN_PRECISIONS
 from pathflow.config import YamlConfig, coerce
 from pathflow.exceptions import ConfigError
 from pathflow.train.plan import StepClock, schedule_warnings
 from pathflow.train.plan import h as _h
 
-PRECISIONS = ("auto", "bf16", "fp32")
-OPTIMIZERS = ("adamw", "sgd", "lars")
-POSITIVES = ("augment", "neighbour", "scale")
+PRECISIONS = TRAIN_PRECISIONS
 
 #: Options that may differ between a run and its ``--resume`` (they do not change what
 #: trains); ``steps_per_epoch`` and ``world_size`` are checked on their own.
